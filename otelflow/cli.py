@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="build a lab cluster on this machine, run traffic, show the flows")
     sp.add_argument("--duration", type=float, default=20.0, help="seconds of traffic (default 20)")
-    sp.add_argument("--keep", action="store_true", help="leave the lab up (remove with 'otelflow netlab down')")
+    sp.add_argument(
+        "--keep", action="store_true", help="leave the lab up (remove with 'otelflow netlab down')"
+    )
     sp.set_defaults(func=_cmd_demo)
 
     sp = sub.add_parser("netlab", help="build and remove network-namespace lab clusters")
