@@ -25,6 +25,7 @@ import contextlib
 import ipaddress
 import logging
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -93,12 +94,30 @@ def _nodad(addr: str, family: int) -> str:
     return f"{addr} nodad" if family == 6 else addr
 
 
+class PortAllocator:
+    """Client source ports for one lab, never handed out twice while the lab lives."""
+
+    def __init__(self, start: int = 20000, end: int = 60999) -> None:
+        self._next = start
+        self._end = end
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            if self._next > self._end:
+                raise nsu.NetlabError("netlab: client port range exhausted")
+            p = self._next
+            self._next += 1
+            return p
+
+
 class Lab:
     """A running lab. Use as a context manager: the lab is removed on exit, whatever happened."""
 
     def __init__(self, topology: Topology, lab_id: str | None = None) -> None:
         self.topology = topology
         self.names = Names(lab_id or secrets.token_hex(3))
+        self.ports = PortAllocator()  # client ports of the traffic generator
         self._up = False
 
     @property
@@ -117,6 +136,10 @@ class Lab:
         """Build the whole lab; on any failure remove what was built and re-raise."""
         nsu.require_root()
         say = progress or (lambda _msg: None)
+        clash = nsu.list_netns(self.names.prefix)
+        if clash:  # checked before the cleanup guard below: never remove someone else's lab
+            hint = f"'otelflow netlab down {self.lab_id}'"
+            raise nsu.NetlabError(f"lab {self.lab_id} already exists ({clash[0]}): remove it with {hint}")
         try:
             say("namespaces")
             self._make_namespaces()
@@ -336,9 +359,8 @@ class Lab:
             for fam in t.families:
                 ipkw = "ip" if fam == 4 else "ip6"
                 svc_chain = f"svc_{_ident(svc.namespace)}_{_ident(svc.name)}_v{fam}"
-                dispatch.append(
-                    f"    {ipkw} daddr {t.service_ip(svc.name, fam)} {svc.protocol} dport {svc.port} jump {svc_chain}"
-                )
+                match = f"{ipkw} daddr {t.service_ip(svc.name, fam)} {svc.protocol} dport {svc.port}"
+                dispatch.append(f"    {match} jump {svc_chain}")
                 seps = []
                 for k, backend in enumerate(svc.backends):
                     sep = f"sep_{_ident(svc.namespace)}_{_ident(svc.name)}_v{fam}_{k}"

@@ -23,8 +23,8 @@ external network    203.0.113.0/24           2001:db8:113::/64
 ==================  =======================  ==========================
 
 IPv6 host parts repeat the IPv4 digits (10.244.1.12 <-> fd00:244:0:1::12). Up to 99 nodes (the
-node index appears in both families' pod CIDRs). The external network uses documentation ranges (RFC 5737 / RFC 3849): they exist only inside the
-lab's namespaces and never lead anywhere else.
+node index appears in both families' pod CIDRs). The external network uses documentation ranges
+(RFC 5737 / RFC 3849): they exist only inside the lab's namespaces and never lead anywhere else.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import json
 import resource
 import socket
@@ -90,35 +89,6 @@ class FlowResult:
         return self.error is None and complete
 
 
-class PortAllocator:
-    """Client source ports for one lab, never handed out twice while the lab lives."""
-
-    def __init__(self, start: int = 20000, end: int = 60999) -> None:
-        self._next = start
-        self._end = end
-        self._lock = threading.Lock()
-
-    def take(self) -> int:
-        with self._lock:
-            if self._next > self._end:
-                raise nsu.NetlabError("netlab: client port range exhausted")
-            p = self._next
-            self._next += 1
-            return p
-
-
-_ALLOCATORS: dict[str, PortAllocator] = {}
-
-
-def _allocator(lab: Lab) -> PortAllocator:
-    # one allocator per lab object lifetime, held on the lab itself
-    alloc = getattr(lab, "_port_allocator", None)
-    if alloc is None:
-        alloc = PortAllocator()
-        lab._port_allocator = alloc  # type: ignore[attr-defined]
-    return alloc
-
-
 def _raise_nofile(need: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < need:
@@ -185,7 +155,7 @@ class TrafficGenerator:
 
     async def _run(self, specs: list[FlowSpec]) -> list[FlowResult]:
         _raise_nofile(4 * len(specs) + 256)
-        alloc = _allocator(self.lab)
+        alloc = self.lab.ports
         listeners: dict[tuple[str, int, str, int], _Listener] = {}
         results: list[FlowResult] = []
         by_client_port: dict[tuple[str, int, int], FlowResult] = {}
@@ -388,8 +358,7 @@ class TrafficGenerator:
         for netns, elems in self._elements(plans).items():
             body = ", ".join(elems)
             nsu.nft_apply(
-                netns,
-                f"add element inet {TRUTH_TABLE} tx {{ {body} }}\nadd element inet {TRUTH_TABLE} rx {{ {body} }}\n",
+                netns, "".join(f"add element inet {TRUTH_TABLE} {s} {{ {body} }}\n" for s in ("tx", "rx"))
             )
 
     def _truth_read(self, plans: list[tuple[FlowResult, Endpoint, int]]) -> None:
@@ -453,7 +422,6 @@ async def _paced_datagrams(
     sock: socket.socket, peer: tuple | None, total: int, size: int, duration: float
 ) -> int:
     """Send `total` payload bytes as datagrams of `size` (the last one smaller), paced over `duration`."""
-    loop = asyncio.get_running_loop()
     payload = b"y" * size
     count = (total + size - 1) // size
     sent = 0
@@ -477,7 +445,3 @@ async def _paced_datagrams(
                 await asyncio.sleep(0.001)
         sent += n
     return sent
-
-
-with contextlib.suppress(Exception):  # keep the name for type checkers; no module state is used
-    del _ALLOCATORS
