@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -74,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", _cmd_run, "run the agent"),
     ):
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("-c", "--config", metavar="FILE", help="YAML configuration file")
+        sp.add_argument(
+            "-c",
+            "--config",
+            metavar="FILE",
+            default=os.environ.get("OTELFLOW_CONFIG") or None,
+            help="YAML configuration file (default: $OTELFLOW_CONFIG)",
+        )
         sp.set_defaults(func=func)
 
     sp = sub.add_parser("demo", help="build a lab cluster on this machine, run traffic, show the flows")
