@@ -36,14 +36,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from otelflow.agent import run_agent
     from otelflow.config import ConfigError, load_config
 
     try:
-        load_config(args.config)
+        cfg = load_config(args.config)
     except ConfigError as e:
         print(f"otelflow: {e}", file=sys.stderr)
         return 2
-    return _not_yet("run", "flow sources land with the conntrack and eBPF issues")
+    return run_agent(cfg, args.source or cfg.source.mode, args.output)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -83,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
             help="YAML configuration file (default: $OTELFLOW_CONFIG)",
         )
         sp.set_defaults(func=func)
+        if name == "run":
+            sp.add_argument(
+                "--source",
+                choices=("auto", "ebpf", "conntrack"),
+                help="flow source (default: source.mode from the configuration)",
+            )
+            sp.add_argument(
+                "--output",
+                choices=("json", "none"),
+                default="json",
+                help="json: print every flow delta as a JSON line on stdout (default)",
+            )
 
     sp = sub.add_parser("demo", help="build a lab cluster on this machine, run traffic, show the flows")
     sp.add_argument("--duration", type=float, default=20.0, help="seconds of traffic (default 20)")
