@@ -170,9 +170,11 @@ class ConntrackSource:
             return []
         out: list[nl.CtEvent] = []
         while True:
+            overflows = ev.overflows
             batch = ev.read_events()
             out += batch
-            if not batch:
+            # after ENOBUFS the queue still holds older events: drain them before any resync dump
+            if not batch and ev.overflows == overflows:
                 break
         self.stats.events += len(out)
         if ev.needs_resync:

@@ -4,7 +4,9 @@ Rules (each one closes a way in which a naive poller loses or doubles bytes):
 
 * A flow instance is keyed by (zone, family, original tuple, conntrack id). A reused id with another
   tuple, or the same tuple under a new id, is another flow. The same id *and* tuple recreated is
-  caught by its NEW event, or by counters going backwards; either starts a new instance.
+  caught by a NEW event after its DESTROY (events arrive in order), or by counters going backwards.
+  A NEW event for a flow that is still tracked is a late event (a deep queue can deliver it after
+  a dump already showed the flow) and changes nothing.
 * The first dump is a **baseline**: flows that existed before the agent started report only what
   they add afterwards (the agent did not see their past). Every flow that appears later reports all
   of its counters.
@@ -55,7 +57,7 @@ class TrackerStats:
     closed: int = 0
     vanished: int = 0  # left the table without a DESTROY event: final bytes unknown
     counter_resets: int = 0  # counters went backwards: treated as a new flow
-    stale_ignored: int = 0  # dump rows of already destroyed flows
+    stale_ignored: int = 0  # dump rows of already destroyed flows, NEW events of known flows
     no_counters: int = 0  # entries without counters (nf_conntrack_acct was off when they started)
 
 
@@ -196,12 +198,10 @@ class FlowTracker:
 
     def _new(self, e: CtEntry, now: float) -> None:
         key = flow_key(e)
-        self._tombs.pop(key, None)
-        old = self._flows.pop(key, None)
-        if old is not None:  # same id and tuple again: the old instance ended unseen
-            self.stats.vanished += 1
-            self._close(old, now)
-            self._finished.append(self._record(old))
+        if key in self._flows:  # late: a dump already showed this flow
+            self.stats.stale_ignored += 1
+            return
+        self._tombs.pop(key, None)  # after its DESTROY: a new instance with the same id and tuple
         if self._baselined:
             f = self._start(key, e, now, (0, 0, 0, 0), opened=True)
             cur = _counters(e)

@@ -1,0 +1,106 @@
+"""Run real `otelflow run` agent processes inside netlab node namespaces and collect their output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from otelflow.netlab.lab import Lab
+from otelflow.netlab.traffic import FlowResult
+
+
+@dataclass
+class AgentRun:
+    node: str
+    proc: subprocess.Popen[str]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    stderr: str = ""
+    _reader: threading.Thread | None = None
+
+    def flows_of(self, r: FlowResult) -> list[dict[str, Any]]:
+        """This agent's records of one generator flow (by its unique client port and transport)."""
+        return [
+            x for x in self.records if x["client_port"] == r.client_port and x["transport"] == r.spec.proto
+        ]
+
+
+def totals(recs: list[dict[str, Any]]) -> tuple[int, int, int, int]:
+    """(bytes c2s, packets c2s, bytes s2c, packets s2c) summed over records."""
+    return (
+        sum(x["bytes_c2s"] or 0 for x in recs),
+        sum(x["packets_c2s"] or 0 for x in recs),
+        sum(x["bytes_s2c"] or 0 for x in recs),
+        sum(x["packets_s2c"] or 0 for x in recs),
+    )
+
+
+def truth(r: FlowResult) -> tuple[int, int, int, int]:
+    return (r.up_l3_bytes, r.up_l3_packets, r.down_l3_bytes, r.down_l3_packets)
+
+
+@contextlib.contextmanager
+def agents(
+    lab: Lab,
+    nodes: list[str],
+    *,
+    poll: float = 0.5,
+    extra_env: dict[str, str] | None = None,
+    warmup: float = 1.0,
+) -> Iterator[dict[str, AgentRun]]:
+    """Start one agent per node; on exit stop them (SIGTERM: final flush) and parse their JSON lines."""
+    runs: dict[str, AgentRun] = {}
+    try:
+        for node in nodes:
+            env = {
+                **os.environ,
+                "OTELFLOW_NODE_NAME": node,
+                "OTELFLOW_SOURCE__POLL_INTERVAL": str(poll),
+                "OTELFLOW_API__LISTEN": "",
+                **(extra_env or {}),
+            }
+            cmd = ["ip", "netns", "exec", lab.node_netns(node), sys.executable, "-m", "otelflow", "run"]
+            p = subprocess.Popen(
+                [*cmd, "--source", "conntrack"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            run = AgentRun(node, p)
+
+            def read(run: AgentRun = run) -> None:
+                assert run.proc.stdout is not None
+                for line in run.proc.stdout:
+                    run.records.append(json.loads(line))
+
+            run._reader = threading.Thread(target=read, daemon=True)
+            run._reader.start()
+            runs[node] = run
+        time.sleep(warmup)  # baseline dump done before traffic starts
+        for run in runs.values():
+            assert run.proc.poll() is None, (
+                f"agent on {run.node} died: {run.proc.stderr.read() if run.proc.stderr else ''}"
+            )
+        yield runs
+    finally:
+        for run in runs.values():
+            if run.proc.poll() is None:
+                run.proc.send_signal(signal.SIGTERM)
+        for run in runs.values():
+            try:
+                run.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                run.proc.kill()
+                run.proc.wait()
+            if run._reader:
+                run._reader.join(timeout=10)
+            run.stderr = run.proc.stderr.read() if run.proc.stderr else ""
