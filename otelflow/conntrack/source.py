@@ -81,6 +81,7 @@ class ConntrackSource:
         self.accounting = False
         self._events: nl.EventSocket | None = None
         self._parse = nl.ParseStats()
+        self._layouts = nl.LayoutCache()  # learned message layouts: later dumps take the fast path
         self._resync = False
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -156,7 +157,7 @@ class ConntrackSource:
 
     def _dump(self) -> list[nl.CtEntry]:
         try:
-            entries = nl.dump(stats=self._parse)
+            entries = nl.dump(stats=self._parse, cache=self._layouts)
         except OSError as e:
             self.stats.dump_errors += 1
             raise ConntrackUnavailable(f"conntrack dump failed: {e}") from None
