@@ -25,14 +25,15 @@ def _cmd_version(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from otelflow.check import main as check_main
     from otelflow.config import ConfigError, load_config
 
     try:
-        load_config(args.config)
+        cfg = load_config(args.config)
     except ConfigError as e:
         print(f"otelflow: {e}", file=sys.stderr)
         return 2
-    return _not_yet("check", "the preflight report lands with the operate issue")
+    return check_main(cfg, args.json)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -84,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="YAML configuration file (default: $OTELFLOW_CONFIG)",
         )
         sp.set_defaults(func=func)
+        if name == "check":
+            sp.add_argument("--json", action="store_true", help="print the results as JSON")
         if name == "run":
             sp.add_argument(
                 "--source",
