@@ -1,6 +1,6 @@
 """Kernel tier: real namespaces, veths, nftables and conntrack. Needs root.
 
-Without root these tests skip, unless OTELFLOW_REQUIRE_KERNEL_TESTS=1 (set by scripts/test and CI),
+Without root these tests skip, unless OFL_REQUIRE_KERNEL_TESTS=1 (set by scripts/test and CI),
 in which case a missing privilege is an error: CI must never pass by skipping the kernel tier.
 """
 
@@ -30,7 +30,7 @@ def _why_not() -> str | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     reason = _why_not()
     kernel_items = [i for i in items if "tests/kernel" in str(i.fspath) or i.get_closest_marker("kernel")]
-    if reason and kernel_items and os.environ.get("OTELFLOW_REQUIRE_KERNEL_TESTS") == "1":
+    if reason and kernel_items and os.environ.get("OFL_REQUIRE_KERNEL_TESTS") == "1":
         raise pytest.UsageError(f"kernel tests are required here but cannot run: {reason}")
     for item in kernel_items:
         item.add_marker(pytest.mark.kernel)
