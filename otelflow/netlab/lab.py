@@ -386,37 +386,20 @@ class Lab:
     def endpoint(self, name: str) -> Endpoint:
         """A pod (host-network pods resolve to their node), a node, or an external host by name."""
         t, n = self.topology, self.names
-        v6 = t.ipv6
+
+        def make(kind: str, netns: str, ip_of: Callable[[str, int], IPAddress], node: str | None) -> Endpoint:
+            v6 = ip_of(name, 6) if t.ipv6 else None
+            return Endpoint(name, kind, netns, ip_of(name, 4), v6, node)  # type: ignore[arg-type]
+
         with contextlib.suppress(KeyError):
             p = t.pod(name)
-            netns = n.node(p.node) if p.host_network else n.pod(name)
-            return Endpoint(
-                name,
-                "host" if p.host_network else "pod",
-                netns,
-                t.pod_ip(name, 4),  # type: ignore[arg-type]
-                t.pod_ip(name, 6) if v6 else None,  # type: ignore[arg-type]
-                p.node,
-            )
+            if p.host_network:
+                return make("host", n.node(p.node), t.pod_ip, p.node)
+            return make("pod", n.pod(name), t.pod_ip, p.node)
         with contextlib.suppress(KeyError):
-            node = t.node(name)
-            return Endpoint(
-                name,
-                "host",
-                n.node(name),
-                t.node_ip(name, 4),  # type: ignore[arg-type]
-                t.node_ip(name, 6) if v6 else None,  # type: ignore[arg-type]
-                node.name,
-            )
+            return make("host", n.node(t.node(name).name), t.node_ip, name)
         if name in {e.name for e in t.externals}:
-            return Endpoint(
-                name,
-                "external",
-                n.external(name),
-                t.external_ip(name, 4),  # type: ignore[arg-type]
-                t.external_ip(name, 6) if v6 else None,  # type: ignore[arg-type]
-                None,
-            )
+            return make("external", n.external(name), t.external_ip, None)
         raise KeyError(f"no endpoint named {name!r} in lab {self.lab_id}")
 
     def node_netns(self, node: str) -> str:
