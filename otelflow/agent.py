@@ -1,11 +1,12 @@
 """The agent's wiring: the whole path of a flow, in one place.
 
-    source  ->  count-once  ->  decorate  ->  aggregate  ->  export
-    (conntrack | eBPF)        (k8s names)   (per interval)  (OTLP, Prometheus, JSON lines)
+    source  ->  resolve ends + count-once + decorate  ->  aggregate  ->  export
+    (conntrack | eBPF)   (IP index: Kubernetes / inventory)  (per interval)  (OTLP, Prometheus, JSON lines)
 
-Each stage is an object with one job, made from the configuration here and nowhere else. Stages that
-later work adds (count-once, decorate, aggregate, OTLP) slot into ``Pipeline``; today the source
-feeds the JSON-lines sink that `otelflow run --output json` prints.
+Each stage is an object with one job, made from the configuration here and nowhere else: the source
+yields FlowDeltas, the Decorator names both ends through the IP index and asks CountOnce which
+directions this node reports, and the sinks receive DecoratedFlows. Aggregation and OTLP export slot
+in as further sinks; today `otelflow run --output json` prints each decorated delta as a JSON line.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from collections.abc import Callable, Sequence
 from typing import IO, Protocol
 
 from otelflow.config import Config
+from otelflow.countonce import CountOnce
+from otelflow.decorate import DecoratedFlow, Decorator
 from otelflow.flow import FlowDelta
+from otelflow.meta.index import IpIndex
+from otelflow.meta.inventory import InventoryError, build_index, load_inventory_file
 
 log = logging.getLogger("otelflow")
 
@@ -37,17 +42,17 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
-    def write(self, deltas: Sequence[FlowDelta]) -> None: ...
+    def write(self, deltas: Sequence[DecoratedFlow]) -> None: ...
     def close(self) -> None: ...
 
 
 class JsonLinesSink:
-    """One JSON object per flow delta, one line each, flushed per poll."""
+    """One JSON object per decorated flow delta, one line each, flushed per poll."""
 
     def __init__(self, out: IO[str]) -> None:
         self.out = out
 
-    def write(self, deltas: Sequence[FlowDelta]) -> None:
+    def write(self, deltas: Sequence[DecoratedFlow]) -> None:
         for d in deltas:
             self.out.write(json.dumps(d.to_json(), separators=(",", ":")) + "\n")
         self.out.flush()
@@ -76,6 +81,16 @@ def select_source(cfg: Config, requested: str) -> tuple[Source, str]:
     return ConntrackSource(cfg.source.conntrack, cfg.node_name or _hostname()), reason
 
 
+def make_index(cfg: Config) -> IpIndex:
+    """The IP index, filled from the static inventory when one is configured."""
+    index = IpIndex(history=cfg.metadata.history)
+    if cfg.metadata.inventory:
+        records, groups = load_inventory_file(cfg.metadata.inventory)
+        build_index(records, groups, index)
+        log.info("inventory %s: %d records", cfg.metadata.inventory, len(records))
+    return index
+
+
 def _hostname() -> str:
     import socket
 
@@ -85,8 +100,11 @@ def _hostname() -> str:
 class Pipeline:
     """Runs a source on its poll interval and hands every batch of deltas to the sinks."""
 
-    def __init__(self, source: Source, sinks: Sequence[Sink], poll_interval: float) -> None:
+    def __init__(
+        self, source: Source, decorator: Decorator, sinks: Sequence[Sink], poll_interval: float
+    ) -> None:
         self.source = source
+        self.decorator = decorator
         self.sinks = list(sinks)
         self.poll_interval = poll_interval
         self.stop = threading.Event()
@@ -123,8 +141,9 @@ class Pipeline:
 
     def _emit(self, deltas: list[FlowDelta]) -> None:
         if deltas:
+            decorated = [self.decorator.decorate(d) for d in deltas]
             for s in self.sinks:
-                s.write(deltas)
+                s.write(decorated)
 
 
 def run_agent(cfg: Config, source_name: str, output: str) -> int:
@@ -142,8 +161,14 @@ def run_agent(cfg: Config, source_name: str, output: str) -> int:
         print(f"otelflow run: {e}", file=sys.stderr)
         return 1
     log.info("flow source: %s (%s)", source.name, reason)
+    node = cfg.node_name or _hostname()
+    try:
+        index = make_index(cfg)
+    except InventoryError as e:
+        print(f"otelflow run: inventory: {e}", file=sys.stderr)
+        return 2
     sinks: list[Sink] = [JsonLinesSink(sys.stdout)] if output == "json" else []
-    pipe = Pipeline(source, sinks, cfg.source.poll_interval)
+    pipe = Pipeline(source, Decorator(index, CountOnce(node)), sinks, cfg.source.poll_interval)
 
     def stop(signum: int, frame: object) -> None:
         pipe.stop.set()

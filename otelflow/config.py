@@ -48,6 +48,7 @@ __all__ = [
     "ConntrackConfig",
     "Duration",
     "ExportConfig",
+    "MetadataConfig",
     "OtlpConfig",
     "PrometheusConfig",
     "SourceConfig",
@@ -191,6 +192,12 @@ class ExportConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetadataConfig:
+    inventory: str = ""  # static inventory file: names without Kubernetes (outside hosts, the demo)
+    history: Duration = Duration(300.0)  # how long a released address still names its old owner
+
+
+@dataclass(frozen=True, slots=True)
 class ApiConfig:
     listen: ListenAddress = "127.0.0.1:9465"  # "host:port" for health and JSON endpoints; empty disables
 
@@ -202,6 +209,7 @@ class Config:
     log_level: Literal["debug", "info", "warning", "error"] = "info"  # agent log verbosity
     source: SourceConfig = field(default_factory=SourceConfig)  # where flows come from
     export: ExportConfig = field(default_factory=ExportConfig)  # where metrics go
+    metadata: MetadataConfig = field(default_factory=MetadataConfig)  # naming flow ends
     api: ApiConfig = field(default_factory=ApiConfig)  # local HTTP API
 
 

@@ -28,9 +28,12 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from otelflow.netlab import ns as nsu
 from otelflow.netlab.topology import (
+    EXTERNAL_NET_V4,
+    EXTERNAL_NET_V6,
     MASQ_MARK,
     NODE_NET_V4,
     NODE_NET_V6,
@@ -401,6 +404,55 @@ class Lab:
         if name in {e.name for e in t.externals}:
             return make("external", n.external(name), t.external_ip, None)
         raise KeyError(f"no endpoint named {name!r} in lab {self.lab_id}")
+
+    def inventory(self) -> dict[str, Any]:
+        """The lab as an otelflow static inventory (see otelflow.meta.inventory): what a metadata
+        cache would know about this cluster. External hosts form the named network "internet"."""
+        t = self.topology
+
+        def ips(f: Callable[[str, int], IPAddress], name: str) -> list[str]:
+            return [str(f(name, fam)) for fam in t.families]
+
+        inv: dict[str, Any] = {
+            "nodes": [
+                {"name": n.name, "ips": ips(t.node_ip, n.name), "zone": n.zone, "region": n.region}
+                for n in t.nodes
+            ],
+            "pods": [
+                {
+                    "namespace": p.namespace,
+                    "name": p.name,
+                    "node": p.node,
+                    "ips": ips(t.pod_ip, p.name),
+                    "uid": f"{self.lab_id}-{p.name}",
+                    "workload": p.workload,
+                    "workload_kind": p.workload_kind,
+                    "host_network": p.host_network,
+                }
+                for p in t.pods
+            ],
+            "services": [
+                {
+                    "namespace": s.namespace,
+                    "name": s.name,
+                    "ips": ips(t.service_ip, s.name),
+                    "ports": [{"port": s.port, "target_port": s.target_port, "protocol": s.protocol}],
+                    "backends": [f"{t.pod(b).namespace}/{b}" for b in s.backends],
+                }
+                for s in t.services
+            ],
+        }
+        if t.externals:
+            cidrs = [str(EXTERNAL_NET_V4)] + ([str(EXTERNAL_NET_V6)] if t.ipv6 else [])
+            inv["networks"] = [{"name": "internet", "cidrs": cidrs}]
+        return inv
+
+    def write_inventory(self, path: str) -> str:
+        import yaml
+
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(self.inventory(), f, sort_keys=False)
+        return path
 
     def node_netns(self, node: str) -> str:
         self.topology.node(node)

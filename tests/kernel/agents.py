@@ -33,6 +33,16 @@ class AgentRun:
         ]
 
 
+def counted(recs: list[dict[str, Any]]) -> tuple[int, int, int, int]:
+    """Like totals, but only the directions each record's node owns (count-once)."""
+    return (
+        sum(x["bytes_c2s"] or 0 for x in recs if x["count_c2s"]),
+        sum(x["packets_c2s"] or 0 for x in recs if x["count_c2s"]),
+        sum(x["bytes_s2c"] or 0 for x in recs if x["count_s2c"]),
+        sum(x["packets_s2c"] or 0 for x in recs if x["count_s2c"]),
+    )
+
+
 def totals(recs: list[dict[str, Any]]) -> tuple[int, int, int, int]:
     """(bytes c2s, packets c2s, bytes s2c, packets s2c) summed over records."""
     return (
@@ -55,6 +65,7 @@ def agents(
     poll: float = 0.5,
     extra_env: dict[str, str] | None = None,
     warmup: float = 1.0,
+    inventory: str | None = None,
 ) -> Iterator[dict[str, AgentRun]]:
     """Start one agent per node; on exit stop them (SIGTERM: final flush) and parse their JSON lines."""
     runs: dict[str, AgentRun] = {}
@@ -65,6 +76,7 @@ def agents(
                 "OTELFLOW_NODE_NAME": node,
                 "OTELFLOW_SOURCE__POLL_INTERVAL": str(poll),
                 "OTELFLOW_API__LISTEN": "",
+                **({"OTELFLOW_METADATA__INVENTORY": inventory} if inventory else {}),
                 **(extra_env or {}),
             }
             cmd = ["ip", "netns", "exec", lab.node_netns(node), sys.executable, "-m", "otelflow", "run"]

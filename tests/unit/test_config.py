@@ -64,6 +64,9 @@ export:
     insecure: false
   prometheus:
     listen: "[::]:9464"
+metadata:
+  inventory: /etc/otelflow/inventory.yaml
+  history: 10m
 api:
   listen: ""
 """
@@ -95,6 +98,7 @@ FULL_DICT = {
         },
         "prometheus": {"listen": "[::]:9464"},
     },
+    "metadata": {"inventory": "/etc/otelflow/inventory.yaml", "history": 600.0},
     "api": {"listen": ""},
 }
 

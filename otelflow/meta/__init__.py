@@ -1,0 +1,1 @@
+"""Kubernetes and inventory metadata: slim records, the IP index, the static inventory."""
