@@ -1,7 +1,9 @@
-"""`otelflow demo`: a two-node lab cluster on this machine with realistic traffic.
+"""`otelflow demo`: a two-node lab cluster on this machine, real traffic, and one otelflow agent per
+node naming every flow (from the lab's inventory) and counting each byte once.
 
-For now the demo shows what each node's conntrack sees, named with the lab's inventory; later
-issues replace the table with the agent's own view (`otelflow top`) and OTLP export.
+Every few seconds it prints who talks to whom, with bytes/s counted once cluster-wide, zone-crossing
+and external traffic marked; at the end it compares the agents' cluster-wide total with the kernel's
+own counters of the same flows. Later work replaces the table with `otelflow top` and adds OTLP.
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ import contextlib
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from otelflow.netlab import ns as nsu
-from otelflow.netlab.ctcli import CtRow, conntrack_rows
+from otelflow.netlab.agents import agents, counted
 from otelflow.netlab.lab import Lab
-from otelflow.netlab.topology import Topology, demo_topology
+from otelflow.netlab.topology import demo_topology
 from otelflow.netlab.traffic import FlowSpec, TrafficGenerator
 
 REQUIRED_TOOLS = ("ip", "nft", "conntrack", "ethtool", "sysctl")
@@ -34,6 +39,7 @@ def traffic_mix(duration: float) -> list[FlowSpec]:
         FlowSpec("payments-0", "svc/db", up=1_000_000, down=8_000_000, duration=long),
         FlowSpec("payments-1", "svc/db", up=500_000, down=3_000_000, duration=long),
         FlowSpec("cart-0", "internet", up=50_000, down=600_000, duration=long),
+        FlowSpec("internet", "frontend-0", up=30_000, down=900_000, duration=long),
         FlowSpec("frontend-1", "node-exporter-a", up=2_000, down=300_000, duration=long),
     ]
     t = 0.5
@@ -44,40 +50,32 @@ def traffic_mix(duration: float) -> list[FlowSpec]:
     return flows
 
 
-def _names(t: Topology) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for fam in t.families:
-        for n in t.nodes:
-            out[str(t.node_ip(n.name, fam))] = f"node/{n.name}"
-        for p in t.pods:
-            if not p.host_network:
-                out[str(t.pod_ip(p.name, fam))] = f"{p.namespace}/{p.name}"
-        for s in t.services:
-            out[str(t.service_ip(s.name, fam))] = f"svc:{s.namespace}/{s.name}"
-        for e in t.externals:
-            out[str(t.external_ip(e.name, fam))] = f"external/{e.name}"
-    return out
+def label(peer: dict[str, Any]) -> str:
+    if peer["kind"] == "pod":
+        return f"{peer['namespace']}/{peer['workload_name'] or peer['name']}"
+    if peer["kind"] in ("node", "host"):
+        return f"{peer['kind']}/{peer['name']}"
+    return f"[{peer['peer_class']}]"
 
 
-def render(rows_by_node: dict[str, list[CtRow]], names: dict[str, str]) -> str:
-    lines = []
-    for node, rows in rows_by_node.items():
-        flows = [r for r in rows if r.proto in ("tcp", "udp") and "sport" in r.orig]
-        lines.append(f"== {node}: {len(flows)} flows in conntrack")
-        head = (
-            f"{'client':<26} {'server (answered by)':<44} {'proto':<5} {'bytes c->s':>11} {'bytes s->c':>11}"
-        )
-        lines.append(f"   {head}")
-        for r in sorted(flows, key=lambda r: -(r.count("orig", "bytes") + r.count("reply", "bytes")))[:12]:
-            o, rp = r.orig, r.reply
-            client = names.get(o["src"], o["src"])
-            dialed = names.get(o["dst"], o["dst"])
-            answered = names.get(rp["src"], rp["src"])
-            server = dialed if answered == dialed else f"{dialed} ({answered})"
-            lines.append(
-                f"   {client:<26} {server + ':' + o['dport']:<44} {r.proto:<5} "
-                f"{r.count('orig', 'bytes'):>11,} {r.count('reply', 'bytes'):>11,}"
-            )
+def render(records: list[dict[str, Any]], seconds: float) -> str:
+    """Conversations (client -> server, Service) with bytes/s counted once, busiest first."""
+    rows: dict[tuple[str, str, str, str], list[float]] = {}
+    for r in records:
+        c, s = r["client"], r["server"]
+        note = ""
+        if c["kind"] == "external" or s["kind"] == "external":
+            note = "external"
+        elif c["zone"] and s["zone"] and c["zone"] != s["zone"]:
+            note = "cross-zone"
+        key = (label(c), label(s), r["service"] or "", note)
+        acc = rows.setdefault(key, [0.0, 0.0])
+        acc[0] += (r["bytes_c2s"] or 0) if r["count_c2s"] else 0
+        acc[1] += (r["bytes_s2c"] or 0) if r["count_s2c"] else 0
+    head = f"   {'client':<22} {'server':<22} {'service':<16} {'c->s B/s':>10} {'s->c B/s':>10}  note"
+    lines = [head]
+    for (c, s, svc, note), (up, down) in sorted(rows.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))[:14]:
+        lines.append(f"   {c:<22} {s:<22} {svc:<16} {up / seconds:>10,.0f} {down / seconds:>10,.0f}  {note}")
     return "\n".join(lines)
 
 
@@ -111,25 +109,43 @@ def main(args: argparse.Namespace) -> int:
         )
         return 1
     topology = demo_topology()
-    names = _names(topology)
+    nodes = [n.name for n in topology.nodes]
     say = (lambda m: print(f"  building {m} ...", flush=True)) if sys.stdout.isatty() else (lambda m: None)
     print("otelflow demo: building a two-node lab cluster in network namespaces", flush=True)
     lab = Lab(topology)
+    tmp = tempfile.TemporaryDirectory(prefix="otelflow-demo-")
     try:
         with _sigterm_as_interrupt():
             lab.up(progress=say)
-            print(f"lab {lab.lab_id} is up (namespaces {lab.names.prefix}*)")
-            print(f"running traffic for {args.duration:.0f} s")
-            fut = TrafficGenerator(lab, timeout=args.duration + 60).start(traffic_mix(args.duration))
-            deadline = time.monotonic() + args.duration + 60
-            while not fut.done() and time.monotonic() < deadline:
-                time.sleep(min(5.0, args.duration / 2))
-                snap = {n.name: conntrack_rows(lab.node_netns(n.name)) for n in topology.nodes}
-                print(f"\n--- {time.strftime('%H:%M:%S')} ---\n{render(snap, names)}", flush=True)
-            results = fut.result(timeout=max(1.0, deadline - time.monotonic()))
+            inventory = lab.write_inventory(str(Path(tmp.name) / "inventory.yaml"))
+            print(f"lab {lab.lab_id} is up (namespaces {lab.names.prefix}*); starting one agent per node")
+            with agents(lab, nodes, poll=1.0, inventory=inventory) as runs:
+                print(f"running traffic for {args.duration:.0f} s", flush=True)
+                fut = TrafficGenerator(lab, timeout=args.duration + 60).start(traffic_mix(args.duration))
+                deadline = time.monotonic() + args.duration + 60
+                every = min(4.0, max(1.0, args.duration / 3))
+                while not fut.done() and time.monotonic() < deadline:
+                    time.sleep(every)
+                    fresh = [x for run in runs.values() for x in run.take_new()]
+                    print(
+                        f"\n--- {time.strftime('%H:%M:%S')}: last {every:.0f} s, each byte counted once ---"
+                    )
+                    print(render(fresh, every), flush=True)
+                results = fut.result(timeout=max(1.0, deadline - time.monotonic()))
+                time.sleep(1.5)  # the agents' last poll
+            ours = {(r.spec.proto, r.client_port) for r in results}  # the generator's flows, not lab noise
+            records = [
+                x for run in runs.values() for x in run.records if (x["transport"], x["client_port"]) in ours
+            ]
+            agent_total = sum(v for i, v in enumerate(counted(records)) if i % 2 == 0)
+            truth_total = sum(r.up_l3_bytes + r.down_l3_bytes for r in results)
             bad = [r for r in results if not r.ok]
-            total = sum(r.up_l3_bytes + r.down_l3_bytes for r in results)
-            print(f"\n{len(results)} flows, {total:,} L3 bytes on the wire, {len(bad)} incomplete")
+            diff = abs(agent_total - truth_total) / truth_total * 100 if truth_total else 0.0
+            n = len(results)
+            print(f"\n{n} flows; the agents counted {agent_total:,} bytes, once, on {len(nodes)} nodes;")
+            print(
+                f"the kernel's own counters of the same flows say {truth_total:,} bytes ({diff:.3f}% apart)"
+            )
             for r in bad[:5]:
                 print(f"  incomplete: {r.spec.client} -> {r.spec.server}: {r.error}")
             return 0 if not bad else 1
@@ -140,7 +156,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"otelflow demo: {e}", file=sys.stderr)
         return 1
     finally:
-        if getattr(args, "keep", False) and lab.names:
+        tmp.cleanup()
+        if getattr(args, "keep", False):
             print(f"lab {lab.lab_id} left up: remove it with 'otelflow netlab down {lab.lab_id}'")
         else:
             lab.down()

@@ -8,7 +8,7 @@
 * **Host-network pods** share their node's IP. Such an address resolves to the node, unless the port
   identifies a host-network pod on that node (one of its declared host ports): then it is that pod.
 * Addresses nobody owns are classified: a user-defined named CIDR group (longest prefix wins), else
-  loopback, link-local, private (RFC 1918, RFC 6598, ULA, documentation ranges) or public. The raw
+  loopback, multicast, link-local, private (RFC 1918, RFC 6598, ULA, documentation ranges) or public. The raw
   address of an unknown peer never becomes a name.
 """
 
@@ -69,6 +69,8 @@ def classify(addr: str, groups: CidrGroups) -> str:
         ip = ip.ipv4_mapped
     if ip.is_loopback:
         return "loopback"
+    if ip.is_multicast:
+        return "multicast"
     if ip.is_link_local:
         return "link-local"
     if ip.is_private or (ip.version == 4 and ip in _CGNAT):

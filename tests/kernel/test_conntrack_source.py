@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from otelflow.netlab import ns as nsu
+from otelflow.netlab.agents import AgentRun, agents, totals, truth
 from otelflow.netlab.ctcli import conntrack_rows
 from otelflow.netlab.lab import Lab
 from otelflow.netlab.topology import NodeSpec, PodSpec, ServiceSpec, Topology, demo_topology
 from otelflow.netlab.traffic import FlowResult, FlowSpec, TrafficGenerator
-from tests.kernel.agents import AgentRun, agents, totals, truth
 
 NODES = ["node-a", "node-b"]
 # name -> (client, server, proto, nodes that see it; None: client's and backend's nodes)

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from otelflow.netlab.agents import AgentRun, agents, counted, truth
 from otelflow.netlab.lab import Lab
 from otelflow.netlab.topology import demo_topology
 from otelflow.netlab.traffic import FlowResult, FlowSpec, TrafficGenerator
-from tests.kernel.agents import AgentRun, agents, counted, truth
 
 NODES = ["node-a", "node-b"]
 # name -> (client, server, proto, expected client name, expected server name (None: a backend), service)

@@ -54,6 +54,8 @@ def test_pod_node_service_resolution() -> None:
     [
         ("127.0.0.1", "loopback"),
         ("::1", "loopback"),
+        ("224.0.0.22", "multicast"),
+        ("ff02::16", "multicast"),
         ("169.254.1.1", "link-local"),
         ("fe80::1", "link-local"),
         ("10.9.9.9", "private"),

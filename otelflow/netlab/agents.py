@@ -1,4 +1,5 @@
-"""Run real `otelflow run` agent processes inside netlab node namespaces and collect their output."""
+"""Run real `otelflow run` agent processes inside netlab node namespaces and collect their output
+(the tests' harness and the demo's engine: the agent runs exactly as on a node, one per node)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ class AgentRun:
     records: list[dict[str, Any]] = field(default_factory=list)
     stderr: str = ""
     _reader: threading.Thread | None = None
+    _taken: int = 0
+
+    def take_new(self) -> list[dict[str, Any]]:
+        """Records that arrived since the last call (for live views)."""
+        n = len(self.records)
+        new = self.records[self._taken : n]
+        self._taken = n
+        return new
 
     def flows_of(self, r: FlowResult) -> list[dict[str, Any]]:
         """This agent's records of one generator flow (by its unique client port and transport)."""
