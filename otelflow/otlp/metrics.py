@@ -1,0 +1,74 @@
+"""Aggregator snapshot -> ExportMetricsServiceRequest bytes, split under the collector's limit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from otelflow.aggregate import Series
+from otelflow.otlp import encode as pb
+from otelflow.otlp.exporter import Item
+from otelflow.schema import METRICS
+
+DEFAULT_MAX_REQUEST = 3 << 20  # under a collector's default 4 MiB gRPC limit, with room for framing
+
+
+class MetricsEncoder:
+    def __init__(
+        self,
+        resource_attrs: Sequence[tuple[str, str]],
+        scope_name: str,
+        scope_version: str,
+        temporality: str = "cumulative",
+        max_request_bytes: int = DEFAULT_MAX_REQUEST,
+    ) -> None:
+        self.resource = pb.resource(resource_attrs)
+        self.scope = pb.scope(scope_name, scope_version)
+        self.delta = temporality == "delta"
+        self.max_request_bytes = max_request_bytes
+        self.defs = {m.name: m for m in METRICS}
+        self.heads = {m.name: pb.metric_head(m.name, m.brief, m.unit) for m in METRICS}
+        self._generation = 0
+        self._last_export_ns = 0
+
+    def encode(self, snapshot: dict[str, list[Series]], now_ns: int) -> list[Item]:
+        """One export round: every live series (cumulative) or every changed one (delta)."""
+        self._generation += 1
+        metric_msgs: list[tuple[int, bytes]] = []  # (points, Metric bytes)
+        for name, series in snapshot.items():
+            d = self.defs[name]
+            monotonic = d.kind == "counter"
+            delta = self.delta and monotonic  # an up-down counter stays cumulative
+            temporality = pb.TEMPORALITY_DELTA if delta else pb.TEMPORALITY_CUMULATIVE
+            points = []
+            for s in series:
+                if delta:
+                    value = s.total - s.exported
+                    if not value:
+                        continue
+                    start = max(s.start_ns, self._last_export_ns) if self._last_export_ns else s.start_ns
+                else:
+                    value, start = s.total, s.start_ns
+                points.append(pb.number_point(s.attr_bytes, start, now_ns, value))
+            limit = self.max_request_bytes - len(self.resource) - len(self.scope) - 256
+            for group in pb.chunks(points, limit):
+                metric_msgs.append(
+                    (len(group), pb.sum_metric(self.heads[name], group, temporality, monotonic))
+                )
+        self._last_export_ns = now_ns
+        items: list[Item] = []
+        batch: list[bytes] = []
+        count = size = 0
+        for n, m in metric_msgs:
+            if batch and size + len(m) > self.max_request_bytes:
+                items.append(self._item(batch, count))
+                batch, count, size = [], 0, 0
+            batch.append(m)
+            count += n
+            size += len(m) + 8
+        if batch:
+            items.append(self._item(batch, count))
+        return items
+
+    def _item(self, metrics: list[bytes], count: int) -> Item:
+        body = pb.metrics_request(self.resource, self.scope, metrics)
+        return Item("metrics", body, count, cumulative=not self.delta, generation=self._generation)

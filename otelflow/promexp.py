@@ -1,0 +1,95 @@
+"""The agent's own HTTP endpoint: Prometheus `/metrics` (the same series as OTLP, named as the
+collector's Prometheus exporter names them), `/healthz` (the process is alive) and `/readyz` (the
+first poll of the flow source succeeded)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from otelflow.aggregate import Series
+from otelflow.schema import METRICS
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _label_name(key: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in key)
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render(snapshot: dict[str, list[Series]], extra: str = "") -> str:
+    """Prometheus text exposition of an aggregator snapshot (cumulative values)."""
+    defs = {m.name: m for m in METRICS}
+    out: list[str] = []
+    for name, series in snapshot.items():
+        d = defs[name]
+        ptype = "counter" if d.kind == "counter" else "gauge"
+        out.append(f"# HELP {d.prometheus} {d.brief} ({d.unit})")
+        out.append(f"# TYPE {d.prometheus} {ptype}")
+        for s in series:
+            labels = ",".join(f'{_label_name(k)}="{_escape(str(v))}"' for k, v in s.attrs)
+            out.append(f"{d.prometheus}{{{labels}}} {s.total}" if labels else f"{d.prometheus} {s.total}")
+    return "\n".join(out) + "\n" + extra
+
+
+class AgentHttpServer:
+    """Serves /metrics, /healthz, /readyz on host:port in a background thread."""
+
+    def __init__(
+        self,
+        listen: str,
+        metrics: Callable[[], str],
+        ready: Callable[[], bool],
+    ) -> None:
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]") or "0.0.0.0"
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, code: int, body: str, ctype: str = "text/plain; charset=utf-8") -> None:
+                data = body.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, outer.metrics(), CONTENT_TYPE)
+                elif path == "/healthz":
+                    self._send(200, "ok\n")
+                elif path == "/readyz":
+                    ok = outer.ready()
+                    self._send(200 if ok else 503, "ready\n" if ok else "not ready\n")
+                else:
+                    self._send(404, "not found\n")
+
+        self.metrics = metrics
+        self.ready = ready
+        family = ThreadingHTTPServer
+        if ":" in host:
+            import socket
+
+            class V6(ThreadingHTTPServer):
+                address_family = socket.AF_INET6
+
+            family = V6
+        self.server = family((host, int(port)), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="agent-http", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,294 @@
+"""Every metric and attribute otelflow exports, defined once. docs/telemetry.md is generated from
+this module (`python -m otelflow.schema > docs/telemetry.md`) and a test fails when they drift.
+
+Naming. OpenTelemetry semantic-convention names are used wherever one exists (`k8s.*`,
+`cloud.availability_zone`, `network.transport`, `network.type`, `server.port`). No convention names
+"the other end" of a flow, so each end's attributes are the semconv names prefixed with `source.` or
+`destination.`: the direction **the bytes travel** (source sent them). These prefixes are the
+`source.*`/`destination.*` families of the semconv network registry (development status), applied to
+whole attribute groups. Attributes that have no convention live under `otelflow.`, except the
+uniform workload pair `k8s.workload.name`/`k8s.workload.kind`, otelflow's own (no semconv yet), kept
+next to the per-kind `k8s.deployment.name`, `k8s.statefulset.name`, ... that it summarises.
+
+Metric names live in the `otelflow.` namespace with UCUM units, so the collector's Prometheus
+exporter produces the names in the `prometheus` column (counter `otelflow.flow.bytes` with unit `By`
+-> `otelflow_flow_bytes_total`).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+Level = Literal["workload", "pod", "flow"]
+LEVELS: tuple[Level, ...] = ("workload", "pod", "flow")
+MetricKind = Literal["counter", "updowncounter", "histogram", "gauge"]
+
+
+@dataclass(frozen=True, slots=True)
+class Attribute:
+    name: str
+    type: str  # "string" | "int"
+    brief: str
+    source: str  # where the value comes from
+    level: Level = "workload"  # the coarsest aggregation level that carries it
+    semconv: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    name: str
+    unit: str
+    kind: MetricKind
+    brief: str
+    prometheus: str
+    attributes: str  # which attribute set: "flow" or "self"
+    source: str = "all"  # "all" sources, or "ebpf" only
+
+
+# ---- the attributes of one end (prefixed with source. / destination.) --------------------------------
+END_ATTRIBUTES: tuple[Attribute, ...] = (
+    Attribute(
+        "k8s.namespace.name", "string", "namespace of the pod (or of the inventory host)", "pod metadata"
+    ),
+    Attribute(
+        "k8s.workload.name",
+        "string",
+        "name of the top owner: Deployment, StatefulSet, DaemonSet, CronJob, Job, or the pod itself",
+        "owner references (ReplicaSet -> Deployment, Job -> CronJob)",
+        semconv=False,
+    ),
+    Attribute(
+        "k8s.workload.kind",
+        "string",
+        "kind of that owner (Deployment, StatefulSet, ...)",
+        "owner references",
+        semconv=False,
+    ),
+    Attribute(
+        "k8s.deployment.name", "string", "the Deployment, when the workload is one", "owner references"
+    ),
+    Attribute(
+        "k8s.statefulset.name", "string", "the StatefulSet, when the workload is one", "owner references"
+    ),
+    Attribute("k8s.daemonset.name", "string", "the DaemonSet, when the workload is one", "owner references"),
+    Attribute("k8s.job.name", "string", "the Job, when the workload is one", "owner references"),
+    Attribute("k8s.cronjob.name", "string", "the CronJob, when the workload is one", "owner references"),
+    Attribute(
+        "cloud.availability_zone",
+        "string",
+        "zone of the node the end runs on",
+        "node label topology.kubernetes.io/zone",
+    ),
+    Attribute(
+        "cloud.region",
+        "string",
+        "region of the node the end runs on",
+        "node label topology.kubernetes.io/region",
+    ),
+    Attribute(
+        "otelflow.peer.class",
+        "string",
+        "pod, node, service, host (inventory), or for addresses nobody owns: a named CIDR group, loopback, "
+        "multicast, link-local, private or public (a raw public address is never exported in metrics)",
+        "IP index and classification",
+        semconv=False,
+    ),
+    Attribute("k8s.pod.name", "string", "the pod", "pod metadata", level="pod"),
+    Attribute(
+        "k8s.node.name",
+        "string",
+        "the node the end runs on (a host-network end is its node)",
+        "pod spec.nodeName",
+        level="pod",
+    ),
+    Attribute("k8s.pod.uid", "string", "the pod's UID", "pod metadata", level="flow"),
+    Attribute(
+        "address",
+        "string",
+        "the end's IP address, for in-cluster ends only",
+        "the flow's tuple",
+        level="flow",
+    ),
+)
+
+# ---- attributes of the flow as a whole ---------------------------------------------------------------
+FLOW_ATTRIBUTES: tuple[Attribute, ...] = (
+    Attribute("network.transport", "string", "tcp, udp, icmp, ...", "the flow's tuple"),
+    Attribute("network.type", "string", "ipv4 or ipv6", "the flow's tuple"),
+    Attribute(
+        "server.port",
+        "int",
+        "the server's port (the port the client dialed; never an ephemeral port)",
+        "the flow's tuple",
+    ),
+    Attribute(
+        "k8s.service.name",
+        "string",
+        "the Service the client addressed (ClusterIP), or whose endpoints hold the answering pod on "
+        "that port",
+        "conntrack NAT + Service/EndpointSlice metadata",
+    ),
+)
+
+# ---- resource attributes of the agent ----------------------------------------------------------------
+RESOURCE_ATTRIBUTES: tuple[Attribute, ...] = (
+    Attribute("service.name", "string", "otelflow (export.service_name / OTEL_SERVICE_NAME)", "config"),
+    Attribute("service.version", "string", "the agent's version", "package"),
+    Attribute("service.instance.id", "string", "unique per agent process", "generated at start"),
+    Attribute(
+        "k8s.node.name", "string", "the node this agent runs on", "NODE_NAME (downward API) / node_name"
+    ),
+    Attribute("k8s.cluster.name", "string", "the cluster (cluster_name)", "config"),
+    Attribute("host.name", "string", "the host name", "the kernel"),
+)
+
+METRICS: tuple[Metric, ...] = (
+    Metric(
+        "otelflow.flow.bytes",
+        "By",
+        "counter",
+        "L3 bytes sent from source to destination, counted once cluster-wide",
+        "otelflow_flow_bytes_total",
+        "flow",
+    ),
+    Metric(
+        "otelflow.flow.packets",
+        "{packet}",
+        "counter",
+        "IP packets sent from source to destination, counted once",
+        "otelflow_flow_packets_total",
+        "flow",
+    ),
+    Metric(
+        "otelflow.flow.interzone.bytes",
+        "By",
+        "counter",
+        "the part of otelflow.flow.bytes whose source and destination run in different zones (both known)",
+        "otelflow_flow_interzone_bytes_total",
+        "flow",
+    ),
+    Metric(
+        "otelflow.connections.opened",
+        "{connection}",
+        "counter",
+        "connections opened; source = client, destination = server",
+        "otelflow_connections_opened_total",
+        "flow",
+    ),
+    Metric(
+        "otelflow.connections.closed",
+        "{connection}",
+        "counter",
+        "connections closed; source = client, destination = server",
+        "otelflow_connections_closed_total",
+        "flow",
+    ),
+    Metric(
+        "otelflow.connections.active",
+        "{connection}",
+        "updowncounter",
+        "connections open now (opened - closed); source = client",
+        "otelflow_connections_active",
+        "flow",
+    ),
+    Metric(
+        "otelflow.tcp.retransmits",
+        "{segment}",
+        "counter",
+        "TCP segments retransmitted by source",
+        "otelflow_tcp_retransmits_total",
+        "flow",
+        "ebpf",
+    ),
+    Metric(
+        "otelflow.tcp.resets",
+        "{reset}",
+        "counter",
+        "TCP resets sent by source",
+        "otelflow_tcp_resets_total",
+        "flow",
+        "ebpf",
+    ),
+    Metric(
+        "otelflow.tcp.rtt",
+        "s",
+        "histogram",
+        "smoothed TCP round-trip time seen by source",
+        "otelflow_tcp_rtt_seconds",
+        "flow",
+        "ebpf",
+    ),
+)
+
+
+def end_attributes(level: Level) -> tuple[Attribute, ...]:
+    rank = LEVELS.index(level)
+    return tuple(a for a in END_ATTRIBUTES if LEVELS.index(a.level) <= rank)
+
+
+def metric_attribute_names(level: Level) -> tuple[str, ...]:
+    """Attribute keys of flow metrics at one aggregation level, in export order."""
+    ends = end_attributes(level)
+    return (
+        *(f"source.{a.name}" for a in ends),
+        *(f"destination.{a.name}" for a in ends),
+        *(a.name for a in FLOW_ATTRIBUTES),
+    )
+
+
+def metric(name: str) -> Metric:
+    for m in METRICS:
+        if m.name == name:
+            return m
+    raise KeyError(name)
+
+
+def markdown() -> str:
+    """docs/telemetry.md."""
+    out = [
+        "# otelflow telemetry reference",
+        "",
+        "Generated from `otelflow/schema.py` by `python -m otelflow.schema`; do not edit by hand.",
+        "",
+        "## Metrics",
+        "",
+        "| name | unit | kind | Prometheus name | sources | meaning |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in METRICS:
+        out.append(f"| `{m.name}` | `{m.unit}` | {m.kind} | `{m.prometheus}` | {m.source} | {m.brief} |")
+    out += [
+        "",
+        "## Flow attributes",
+        "",
+        "Each end of a flow carries these, prefixed with `source.` (the end that sent the bytes) or",
+        "`destination.` (the end that received them). *Level* is the coarsest aggregation level",
+        "(`workload` < `pod` < `flow`) that exports the attribute; finer levels include coarser ones.",
+        "",
+        "| attribute | type | level | semconv | meaning | source |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a in END_ATTRIBUTES:
+        sc = "yes" if a.semconv else "no"
+        names = f"`source.{a.name}` / `destination.{a.name}`"
+        out.append(f"| {names} | {a.type} | {a.level} | {sc} | {a.brief} | {a.source} |")
+    out += [
+        "",
+        "Attributes of the flow as a whole:",
+        "",
+        "| attribute | type | level | meaning | source |",
+        "|---|---|---|---|---|",
+    ]
+    for a in FLOW_ATTRIBUTES:
+        out.append(f"| `{a.name}` | {a.type} | {a.level} | {a.brief} | {a.source} |")
+    out += ["", "## Resource attributes", "", "| attribute | meaning | source |", "|---|---|---|"]
+    for a in RESOURCE_ATTRIBUTES:
+        out.append(f"| `{a.name}` | {a.brief} | {a.source} |")
+    out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown())
