@@ -239,9 +239,8 @@ def test_response_decoding() -> None:
     resp.partial_success.error_message = "bad points"
     assert partial_success(resp.SerializeToString()) == (3, "bad points")
     assert partial_success(b"") == (0, "")
-    retry_info = pb.ld(1, pb.ld(1, b"\x08\x02"))  # RetryInfo{retry_delay: Duration{seconds: 2}}
-    status = pb.ld(3, pb.ld(1, b"type.googleapis.com/google.rpc.RetryInfo") + pb.ld(2, retry_info[2:]))
-    assert retry_info_delay(b"\x08\x08" + status) == 2.0
+    assert retry_info_delay(_retry_status(2)) == 2.0  # google.rpc.Status{code: 8, details: [RetryInfo]}
+    assert retry_info_delay(b"\x08\x08") is None
 
 
 # ---- exporter against local receivers ------------------------------------------------------------
