@@ -36,8 +36,8 @@ WORKLOAD_KIND_ATTR = {
 
 @dataclass(slots=True)
 class Series:
-    attrs: tuple[tuple[str, str | int], ...]  # exported (key, value) pairs, empty values dropped
-    attr_bytes: bytes  # OTLP-encoded KeyValue list (NumberDataPoint.attributes), computed once
+    parts: tuple[int, int, int]  # attribute part ids (source end, destination end, flow); () = overflow
+    head: bytes  # the OTLP data point's constant prefix: tag, length, attributes (computed once)
     start_ns: int
     total: int = 0  # cumulative
     exported: int = 0  # total at the last export (for delta temporality)
@@ -56,7 +56,7 @@ class AggregatorStats:
 @dataclass(slots=True)
 class MetricSeries:
     name: str
-    series: dict[tuple[object, ...], Series] = field(default_factory=dict)
+    series: dict[tuple[int, int, int], Series] = field(default_factory=dict)
     overflow: Series | None = None
 
 
@@ -89,17 +89,33 @@ class Aggregator:
         for extra in include:
             if extra not in names and extra in metric_attribute_names("flow"):
                 names.append(extra)
-        self.attribute_names = tuple(n for n in names if n not in set(exclude))
-        full = metric_attribute_names("flow")
-        self._pick = tuple(full.index(n) for n in self.attribute_names)
-        self._ends = end_attributes("flow")
-        self._end_cache: dict[tuple[Peer, str], tuple[str, ...]] = {}
+        selected = set(names) - set(exclude)
+        ends = end_attributes("flow")
+        roles = (
+            [f"source.{a.name}" for a in ends],
+            [f"destination.{a.name}" for a in ends],
+            [a.name for a in FLOW_ATTRIBUTES],
+        )
+        # per role (source end, destination end, flow): which positions are exported, under which keys
+        self._idx = tuple(tuple(i for i, n in enumerate(r) if n in selected) for r in roles)
+        self._keys = tuple(tuple(r[i] for i in idx) for r, idx in zip(roles, self._idx, strict=True))
+        self.attribute_names = tuple(k for keys in self._keys for k in keys)
+        self._uses_address = any(n.endswith(".address") for n in self.attribute_names)
+        self._ends = ends
+        self._kv = pb.KvCache(7)
+        # peer -> (id as source, id as destination); flow attrs -> id; id -> (pairs, encoded block).
+        # Series keys are (source id, destination id, flow id): three small ints, cheap to hash.
+        self._end_cache: dict[tuple[str, ...], tuple[int, int]] = {}
+        self._flow_cache: dict[tuple[str | int, ...], int] = {}
+        self._part_ids: dict[tuple[int, tuple[object, ...]], int] = {}
+        self._parts: list[tuple[tuple[tuple[str, str | int], ...], bytes]] = []
         self.metrics = {n: MetricSeries(n) for n in self.METRIC_NAMES}
-        self._interned: dict[tuple[object, ...], tuple[tuple[tuple[str, str | int], ...], bytes]] = {}
 
     # ---- attribute values ----------------------------------------------------------------------
-    def _end(self, p: Peer, address: str) -> tuple[str, ...]:
-        key = (p, address if p.in_cluster else "")
+    def _end(self, p: Peer, address: str) -> tuple[int, int]:
+        """Part ids of an end's exported values as a source and as a destination (cached per peer)."""
+        addr = address if p.in_cluster and self._uses_address else ""
+        key = (p.name, p.namespace, p.peer_class, p.node, addr)  # identifies the peer; cheaper to hash
         v = self._end_cache.get(key)
         if v is None:
             kind_attr = WORKLOAD_KIND_ATTR.get(p.workload_kind, "")
@@ -113,31 +129,36 @@ class Aggregator:
                 "k8s.pod.name": p.name if p.kind == "pod" else "",
                 "k8s.node.name": p.node,
                 "k8s.pod.uid": p.uid,
-                "address": key[1],
+                "address": addr,
             }
             if kind_attr:
                 by_name[kind_attr] = p.workload_name
-            v = tuple(by_name.get(a.name, "") for a in self._ends)
-            if len(self._end_cache) > 100_000:
-                self._end_cache.clear()
+            full = tuple(by_name.get(a.name, "") for a in self._ends)
+            v = (
+                self._part(0, tuple(full[i] for i in self._idx[0])),
+                self._part(1, tuple(full[i] for i in self._idx[1])),
+            )
             self._end_cache[key] = v
         return v
 
-    def _key(
-        self, src: tuple[str, ...], dst: tuple[str, ...], flow: tuple[str | int, ...]
-    ) -> tuple[object, ...]:
-        full = (*src, *dst, *flow)
-        return tuple(full[i] for i in self._pick)
+    def _flow(self, vals: tuple[str | int, ...]) -> int:
+        v = self._flow_cache.get(vals)
+        if v is None:
+            v = self._flow_cache[vals] = self._part(2, tuple(vals[i] for i in self._idx[2]))
+        return v
 
-    def _intern(self, key: tuple[object, ...]) -> tuple[tuple[tuple[str, str | int], ...], bytes]:
-        got = self._interned.get(key)
-        if got is None:
+    def _part(self, role: int, values: tuple[object, ...]) -> int:
+        key = (role, values)
+        pid = self._part_ids.get(key)
+        if pid is None:
             pairs = tuple(
-                (n, v) for n, v in zip(self.attribute_names, key, strict=True) if v != "" and v != 0
+                (k, v)  # type: ignore[misc]
+                for k, v in zip(self._keys[role], values, strict=True)
+                if v != "" and v != 0
             )
-            got = (pairs, pb.attributes(pairs, field=7))  # type: ignore[arg-type]
-            self._interned[key] = got
-        return got
+            pid = self._part_ids[key] = len(self._parts)
+            self._parts.append((pairs, self._kv.block(pairs)))  # type: ignore[arg-type]
+        return pid
 
     # ---- input -----------------------------------------------------------------------------------
     def add(self, batch: Iterable[DecoratedFlow]) -> None:
@@ -146,11 +167,13 @@ class Aggregator:
         for d in batch:
             self.stats.records += 1
             f = d.flow
-            flow_vals = (f.transport, f"ipv{f.family}", f.server_port, d.service.name if d.service else "")
-            c = self._end(d.client, f.client_ip)
-            s = self._end(d.server, f.server_ip)
+            fl = self._flow(
+                (f.transport, f"ipv{f.family}", f.server_port, d.service.name if d.service else "")
+            )
+            c_src, c_dst = self._end(d.client, f.client_ip)
+            s_src, s_dst = self._end(d.server, f.server_ip)
             if d.count_c2s:
-                k = self._key(c, s, flow_vals)
+                k = (c_src, s_dst, fl)
                 self._bump(m["otelflow.flow.bytes"], k, f.bytes_c2s, now)
                 self._bump(m["otelflow.flow.packets"], k, f.packets_c2s, now)
                 if f.bytes_c2s and d.client.zone and d.server.zone and d.client.zone != d.server.zone:
@@ -160,31 +183,38 @@ class Aggregator:
                     self._bump(m["otelflow.connections.closed"], k, int(f.closed), now)
                     self._bump(m["otelflow.connections.active"], k, int(f.opened) - int(f.closed), now)
             if d.count_s2c:
-                k = self._key(s, c, flow_vals)
+                k = (s_src, c_dst, fl)
                 self._bump(m["otelflow.flow.bytes"], k, f.bytes_s2c, now)
                 self._bump(m["otelflow.flow.packets"], k, f.packets_s2c, now)
                 if f.bytes_s2c and d.client.zone and d.server.zone and d.client.zone != d.server.zone:
                     self._bump(m["otelflow.flow.interzone.bytes"], k, f.bytes_s2c, now)
 
-    def _bump(self, ms: MetricSeries, key: tuple[object, ...], value: int | None, now: int) -> None:
+    def _bump(self, ms: MetricSeries, key: tuple[int, int, int], value: int | None, now: int) -> None:
         if value is None:
             return  # no counters (conntrack accounting off)
         s = ms.series.get(key)
         if s is None:
             if len(ms.series) >= self.max_series:
                 if ms.overflow is None:
-                    pairs = ((OVERFLOW_KEY, "true"),)
-                    ms.overflow = Series(pairs, pb.attributes(pairs, field=7, bools={OVERFLOW_KEY}), now)  # type: ignore[arg-type]
+                    block = pb.attributes(((OVERFLOW_KEY, "true"),), field=7, bools={OVERFLOW_KEY})
+                    ms.overflow = Series((-1, -1, -1), pb.point_head(block), now)
                 s = ms.overflow
                 self.stats.overflow_points += 1
             else:
-                pairs, enc = self._intern(key)
-                s = Series(pairs, enc, now)
+                parts = self._parts
+                s = Series(key, pb.point_head(parts[key[0]][1] + parts[key[1]][1] + parts[key[2]][1]), now)
                 ms.series[key] = s
                 self.stats.series += 1
         if value:
             s.total += value
             s.changed = True
+
+    def pairs(self, s: Series) -> tuple[tuple[str, str | int], ...]:
+        """A series' exported (key, value) attribute pairs (for Prometheus)."""
+        if s.parts[0] < 0:
+            return ((OVERFLOW_KEY, "true"),)
+        p = self._parts
+        return p[s.parts[0]][0] + p[s.parts[1]][0] + p[s.parts[2]][0]
 
     # ---- output ----------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, list[Series]]:
@@ -219,8 +249,25 @@ class Aggregator:
                 ms.overflow.exported = ms.overflow.total
                 ms.overflow.changed = False
         self.stats.series = sum(len(ms.series) for ms in self.metrics.values())
-        if len(self._interned) > 4 * self.max_series * len(self.metrics):
-            self._interned.clear()
+        self._compact()
+
+    def _compact(self) -> None:
+        """Bound the id tables: when they outgrow the live series, rebuild them from what is live."""
+        if len(self._parts) < 4 * self.max_series + 10_000:
+            return
+        live = {i for ms in self.metrics.values() for key in ms.series for i in key}
+        remap = {old: new for new, old in enumerate(sorted(live))}
+        self._parts = [self._parts[old] for old in sorted(live)]
+        self._part_ids = {k: remap[v] for k, v in self._part_ids.items() if v in remap}
+        self._end_cache = {
+            k: (remap[a], remap[b]) for k, (a, b) in self._end_cache.items() if a in remap and b in remap
+        }
+        self._flow_cache = {k: remap[v] for k, v in self._flow_cache.items() if v in remap}
+        for ms in self.metrics.values():
+            ms.series = {(remap[a], remap[b], remap[c]): s for (a, b, c), s in ms.series.items()}
+            for s in ms.series.values():
+                a, b, c = s.parts
+                s.parts = (remap[a], remap[b], remap[c])
 
 
 FLOW_ATTRIBUTE_NAMES = tuple(a.name for a in FLOW_ATTRIBUTES)

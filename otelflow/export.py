@@ -69,7 +69,7 @@ class ExportStage:
 
     def prometheus(self) -> str:
         with self.lock:
-            return render(self.aggregator.snapshot())
+            return render(self.aggregator.snapshot(), self.aggregator.pairs)
 
     def close(self) -> None:
         self.export_now()

@@ -22,7 +22,11 @@ def _escape(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def render(snapshot: dict[str, list[Series]], extra: str = "") -> str:
+def render(
+    snapshot: dict[str, list[Series]],
+    pairs: Callable[[Series], tuple[tuple[str, str | int], ...]],
+    extra: str = "",
+) -> str:
     """Prometheus text exposition of an aggregator snapshot (cumulative values)."""
     defs = {m.name: m for m in METRICS}
     out: list[str] = []
@@ -32,7 +36,7 @@ def render(snapshot: dict[str, list[Series]], extra: str = "") -> str:
         out.append(f"# HELP {d.prometheus} {d.brief} ({d.unit})")
         out.append(f"# TYPE {d.prometheus} {ptype}")
         for s in series:
-            labels = ",".join(f'{_label_name(k)}="{_escape(str(v))}"' for k, v in s.attrs)
+            labels = ",".join(f'{_label_name(k)}="{_escape(str(v))}"' for k, v in pairs(s))
             out.append(f"{d.prometheus}{{{labels}}} {s.total}" if labels else f"{d.prometheus} {s.total}")
     return "\n".join(out) + "\n" + extra
 

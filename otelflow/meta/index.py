@@ -96,6 +96,8 @@ class IpIndex:
         self.pods: dict[tuple[str, str], PodMeta] = {}
         self.services: dict[tuple[str, str], ServiceMeta] = {}
         self._by_backend: dict[tuple[str, str], list[ServiceMeta]] = {}
+        self._peer_of: dict[int, tuple[Owner, Peer]] = {}  # id(owner) -> (owner, its Peer)
+        self._class_peers: dict[str, Peer] = {}
 
     # ---- updates ---------------------------------------------------------------------------------
     def _claim(self, table: dict, key: object, owner: Owner, now: float) -> None:
@@ -120,6 +122,8 @@ class IpIndex:
         self.nodes[n.name] = n
         for ip in n.ips:
             self._claim(self._spans, ip, n, now)
+        if old is not None and (old.zone, old.region) != (n.zone, n.region):
+            self._peer_of.clear()  # pods' peers carry their node's zone
 
     def delete_node(self, name: str, now: float | None = None) -> None:
         now = self.clock() if now is None else now
@@ -217,8 +221,25 @@ class IpIndex:
         return _pick(self._spans.get(addr), at, self.clock(), self.history)
 
     def resolve(self, addr: str, port: int = 0, at: float | None = None) -> Peer:
-        """The Peer behind an address (port: to single out a host-network pod)."""
+        """The Peer behind an address (port: to single out a host-network pod). The same owner always
+        yields the same Peer object (downstream caches may key on identity)."""
         o = self.owner(addr, port, at)
+        if o is None:
+            cls = classify(addr, self.groups)
+            p = self._class_peers.get(cls)
+            if p is None:
+                p = self._class_peers[cls] = Peer("external", cls)
+            return p
+        hit = self._peer_of.get(id(o))
+        if hit is not None and hit[0] is o:
+            return hit[1]
+        peer = self._make_peer(o)
+        if len(self._peer_of) > 500_000:
+            self._peer_of.clear()
+        self._peer_of[id(o)] = (o, peer)
+        return peer
+
+    def _make_peer(self, o: Owner) -> Peer:
         if isinstance(o, PodMeta):
             node = self.nodes.get(o.node)
             return Peer(
@@ -248,7 +269,7 @@ class IpIndex:
                 workload_name=o.workload_name,
                 workload_kind=o.workload_kind,
             )
-        return Peer("external", classify(addr, self.groups))
+        raise TypeError(f"unknown owner {o!r}")
 
     def service_of(self, addr: str, port: int, transport: str) -> ServiceMeta | None:
         """The Service whose IP and port the client addressed, if any."""

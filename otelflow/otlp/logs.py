@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from otelflow.decorate import DecoratedFlow
+from otelflow.flow import FlowDelta
 from otelflow.meta.model import Peer
 from otelflow.otlp import encode as pb
 from otelflow.otlp.exporter import Item
@@ -46,8 +47,8 @@ class LogFilter:
         return True
 
 
-def _end_pairs(prefix: str, p: Peer, address: str, port: int) -> list[tuple[str, str | int]]:
-    pairs: list[tuple[str, str | int]] = [(f"{prefix}.address", address), (f"{prefix}.port", port)]
+def _peer_pairs(prefix: str, p: Peer) -> list[tuple[str, str | int]]:
+    pairs: list[tuple[str, str | int]] = []
     for k, v in (
         ("k8s.namespace.name", p.namespace),
         ("k8s.pod.name", p.name if p.kind == "pod" else ""),
@@ -65,29 +66,20 @@ def _end_pairs(prefix: str, p: Peer, address: str, port: int) -> list[tuple[str,
     return pairs
 
 
-def record_attributes(d: DecoratedFlow) -> list[tuple[str, str | int]]:
+def _static_pairs(d: DecoratedFlow) -> list[tuple[str, str | int]]:
+    """What stays the same for every record of one flow."""
     f = d.flow
-    pairs = _end_pairs("client", d.client, f.client_ip, f.client_port)
-    pairs += _end_pairs("server", d.server, f.server_ip, f.server_port)
-    pairs += [
+    pairs: list[tuple[str, str | int]] = [
+        ("client.address", f.client_ip),
+        ("client.port", f.client_port),
+        ("server.address", f.server_ip),
+        ("server.port", f.server_port),
         ("network.transport", f.transport),
         ("network.type", f"ipv{f.family}"),
         ("otelflow.flow.id", f"{f.observer}/{f.flow_id}"),
         ("otelflow.flow.source", f.source),
         ("otelflow.observer", f.observer),
-        ("otelflow.flow.opened", int(f.opened)),
-        ("otelflow.flow.closed", int(f.closed)),
-        ("otelflow.flow.duration_ms", int((f.last_seen - f.first_seen) * 1000)),
     ]
-    if f.state:
-        pairs.append(("otelflow.flow.state", f.state))
-    if f.bytes_c2s is not None:
-        pairs += [
-            ("otelflow.flow.bytes.c2s", f.bytes_c2s),
-            ("otelflow.flow.bytes.s2c", f.bytes_s2c or 0),
-            ("otelflow.flow.packets.c2s", f.packets_c2s or 0),
-            ("otelflow.flow.packets.s2c", f.packets_s2c or 0),
-        ]
     if d.service:
         pairs += [("k8s.service.name", d.service.name), ("otelflow.service.namespace", d.service.namespace)]
     if f.dnat or f.dialed_ip != f.server_ip:
@@ -98,6 +90,38 @@ def record_attributes(d: DecoratedFlow) -> list[tuple[str, str | int]]:
             ("otelflow.nat.client.port", f.client_nat_port),
         ]
     return pairs
+
+
+_COUNTER_KEYS = (
+    "otelflow.flow.bytes.c2s",
+    "otelflow.flow.bytes.s2c",
+    "otelflow.flow.packets.c2s",
+    "otelflow.flow.packets.s2c",
+)
+
+
+def _dynamic_pairs(f: FlowDelta) -> list[tuple[str, str | int]]:
+    pairs: list[tuple[str, str | int]] = [
+        ("otelflow.flow.opened", int(f.opened)),
+        ("otelflow.flow.closed", int(f.closed)),
+        ("otelflow.flow.duration_ms", int((f.last_seen - f.first_seen) * 1000)),
+    ]
+    if f.state:
+        pairs.append(("otelflow.flow.state", f.state))
+    if f.bytes_c2s is not None:
+        vals = (f.bytes_c2s, f.bytes_s2c or 0, f.packets_c2s or 0, f.packets_s2c or 0)
+        pairs += list(zip(_COUNTER_KEYS, vals, strict=True))
+    return pairs
+
+
+def record_attributes(d: DecoratedFlow) -> list[tuple[str, str | int]]:
+    """Every attribute of one flow-log record (the encoder builds the same set from cached parts)."""
+    return (
+        _static_pairs(d)
+        + _peer_pairs("client", d.client)
+        + _peer_pairs("server", d.server)
+        + _dynamic_pairs(d.flow)
+    )
 
 
 class LogsEncoder:
@@ -114,6 +138,55 @@ class LogsEncoder:
         self.filter = flt or LogFilter()
         self.max_request_bytes = max_request_bytes
         self.filtered = 0
+        self._kv = pb.KvCache(6)
+        self._peers: dict[tuple[str, int], tuple[Peer, bytes]] = {}
+        self._flows: dict[tuple[str, str], bytes] = {}
+        self._keys = {k: pb.ld(1, k.encode()) for k in (*_COUNTER_KEYS, "otelflow.flow.duration_ms")}
+        self._event = pb.ld(12, EVENT_NAME.encode())
+
+    def _peer_block(self, prefix: str, p: Peer) -> bytes:
+        # keyed by identity (the IP index hands out one Peer object per owner); the Peer is kept in
+        # the value so its id cannot be reused while cached
+        key = (prefix, id(p))
+        hit = self._peers.get(key)
+        if hit is not None and hit[0] is p:
+            return hit[1]
+        if len(self._peers) > 100_000:
+            self._peers.clear()
+        b = self._kv.block(_peer_pairs(prefix, p))
+        self._peers[key] = (p, b)
+        return b
+
+    def attributes_block(self, d: DecoratedFlow) -> bytes:
+        """The record's attributes: cached static and peer parts plus the per-record values."""
+        f = d.flow
+        fk = (f.observer, f.flow_id)
+        static = self._flows.get(fk)
+        if static is None:
+            if len(self._flows) > 200_000:
+                self._flows.clear()
+            static = self._flows[fk] = self._kv.block(_static_pairs(d))
+        if f.closed:
+            self._flows.pop(fk, None)
+        kv, ik, keys = self._kv, pb.int_kv, self._keys
+        parts = [
+            static,
+            self._peer_block("client", d.client),
+            self._peer_block("server", d.server),
+            kv.get("otelflow.flow.opened", int(f.opened)),
+            kv.get("otelflow.flow.closed", int(f.closed)),
+            ik(6, keys["otelflow.flow.duration_ms"], int((f.last_seen - f.first_seen) * 1000)),
+        ]
+        if f.state:
+            parts.append(kv.get("otelflow.flow.state", f.state))
+        if f.bytes_c2s is not None:
+            parts += [
+                ik(6, keys[_COUNTER_KEYS[0]], f.bytes_c2s),
+                ik(6, keys[_COUNTER_KEYS[1]], f.bytes_s2c or 0),
+                ik(6, keys[_COUNTER_KEYS[2]], f.packets_c2s or 0),
+                ik(6, keys[_COUNTER_KEYS[3]], f.packets_s2c or 0),
+            ]
+        return b"".join(parts)
 
     def encode(self, batch: Iterable[DecoratedFlow], now_ns: int | None = None) -> list[Item]:
         now = now_ns or time.time_ns()
@@ -125,9 +198,9 @@ class LogsEncoder:
                 self.filtered += 1
                 continue
             t = int(d.flow.last_seen * 1e9)
-            recs.append(pb.log_record(t, now, pb.attributes(record_attributes(d), field=6), EVENT_NAME))
+            recs.append(pb.log_record_fast(t, now, self.attributes_block(d), self._event))
         limit = self.max_request_bytes - len(self.resource) - len(self.scope) - 64
         return [
-            Item("logs", pb.logs_request(self.resource, self.scope, group), len(group))
+            Item("logs", pb.logs_request(self.resource, self.scope, group, framed=True), len(group))
             for group in pb.chunks(recs, limit)
         ]

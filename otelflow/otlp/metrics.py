@@ -34,6 +34,7 @@ class MetricsEncoder:
         """One export round: every live series (cumulative) or every changed one (delta)."""
         self._generation += 1
         metric_msgs: list[tuple[int, bytes]] = []  # (points, Metric bytes)
+        tail = pb.point_tail
         for name, series in snapshot.items():
             d = self.defs[name]
             monotonic = d.kind == "counter"
@@ -48,12 +49,11 @@ class MetricsEncoder:
                     start = max(s.start_ns, self._last_export_ns) if self._last_export_ns else s.start_ns
                 else:
                     value, start = s.total, s.start_ns
-                points.append(pb.number_point(s.attr_bytes, start, now_ns, value))
+                points.append(s.head + tail(start, now_ns, value))
             limit = self.max_request_bytes - len(self.resource) - len(self.scope) - 256
             for group in pb.chunks(points, limit):
-                metric_msgs.append(
-                    (len(group), pb.sum_metric(self.heads[name], group, temporality, monotonic))
-                )
+                msg = pb.sum_metric(self.heads[name], group, temporality, monotonic, framed=True)
+                metric_msgs.append((len(group), msg))
         self._last_export_ns = now_ns
         items: list[Item] = []
         batch: list[bytes] = []

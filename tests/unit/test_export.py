@@ -74,7 +74,7 @@ def dec(
 
 
 def totals(agg: Aggregator, metric: str) -> dict[tuple[tuple[str, Any], ...], int]:
-    return {s.attrs: s.total for s in agg.snapshot()[metric]}
+    return {agg.pairs(s): s.total for s in agg.snapshot()[metric]}
 
 
 def test_directions_become_source_destination_and_count_once_applies() -> None:
@@ -144,7 +144,7 @@ def test_cardinality_cap_and_overflow_series() -> None:
     agg.add(batch)
     series = agg.snapshot()["otelflow.flow.bytes"]
     assert len(series) == 4
-    over = [s for s in series if s.attrs == ((OVERFLOW_KEY, "true"),)]
+    over = [s for s in series if agg.pairs(s) == ((OVERFLOW_KEY, "true"),)]
     assert len(over) == 1 and over[0].total == 700
     assert sum(s.total for s in series) == 1000  # nothing lost, only folded
     assert agg.stats.overflow_points >= 7
@@ -228,7 +228,7 @@ def test_flow_logs() -> None:
 def test_prometheus_rendering() -> None:
     agg = Aggregator()
     agg.add([dec()])
-    text = render(agg.snapshot())
+    text = render(agg.snapshot(), agg.pairs)
     assert "# TYPE otelflow_flow_bytes_total counter" in text
     assert 'source_k8s_workload_name="fe"' in text and "otelflow_connections_active{" in text
 

@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Benchmark: one export interval of N decorated flows (default 100k) through otelflow's path and
+through the OpenTelemetry Python SDK, in the same run, each path in a fresh child process (so peak
+RSS is each path's own).
+
+otelflow path: Aggregator.add (workload level, count-once) + MetricsEncoder.encode (cumulative) +
+LogsEncoder.encode (one log record per flow), producing ExportMetricsServiceRequest /
+ExportLogsServiceRequest bytes.
+Two intervals are timed: the first (every series is new: cold) and the second (the same flows with new
+deltas: the steady state an agent is in after its first interval); both are reported.
+SDK path: Counter.add per flow (bytes, packets, connections) with the same attribute sets, then
+InMemoryMetricReader collect + the SDK's own OTLP protobuf encoder (encode_metrics); LoggerProvider
+emit per flow + SimpleLogRecordProcessor into memory + encode_logs.
+
+Usage: python bench/otlp_encode.py [--flows 100000] [--rounds 3] [--shape realistic|unique]. Prints per-round CPU seconds,
+points/s, records/s, wire bytes with and without gzip, peak RSS, and the median ratio SDK/otelflow
+CPU (> 1: otelflow is cheaper). Needs opentelemetry-sdk and opentelemetry-exporter-otlp-proto-common
+(benchmark only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from otelflow.decorate import DecoratedFlow
+from otelflow.flow import FlowDelta
+from otelflow.meta.model import Peer, ServiceMeta
+
+RESOURCE = [("service.name", "otelflow"), ("k8s.node.name", "node-1"), ("k8s.cluster.name", "bench")]
+
+
+def make_flows(n: int, seed: int = 7, shape: str = "realistic") -> list[DecoratedFlow]:
+    """n flows in 30 namespaces and 3 zones.
+
+    realistic: 2,500 pods of 250 workloads; each workload calls 3 fixed dependencies on fixed ports
+    (a service graph), so workload-level aggregation folds the flows into ~10^4 series.
+    unique: ~n/4 pods of ~n/20 workloads talking at random: nearly every flow its own attribute set
+    (the worst case for any aggregator)."""
+    r = random.Random(seed)
+    if shape == "realistic":
+        return _service_graph(n, r)
+    zones = ["eu-west-1a", "eu-west-1b", "eu-west-1c"]
+    nss = [f"team-{i}" for i in range(30)]
+    kinds = ["Deployment", "StatefulSet", "DaemonSet", "Job"]
+    workloads = [(r.choice(nss), f"svc-{i}", r.choice(kinds)) for i in range(max(10, n // 20))]
+    pods = []
+    for i in range(max(20, n // 4)):
+        ns, wl, kind = r.choice(workloads)
+        node = f"node-{r.randrange(50)}"
+        pods.append(Peer("pod", "pod", node=node, zone=zones[hash(node) % 3], region="eu-west-1", namespace=ns,
+                         name=f"{wl}-{i}", uid=f"uid-{i}", workload_name=wl, workload_kind=kind))  # fmt: skip
+    ports = [53, 80, 443, 5432, 6379, 8080, 9090]
+    out = []
+    for i in range(n):
+        c, s = r.choice(pods), r.choice(pods)
+        b = r.randint(100, 2_000_000)
+        f = FlowDelta(
+            flow_id=str(i), source="conntrack", observer="node-1", family=4, transport="tcp",
+            client_ip=f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", client_port=30000 + i % 30000,
+            dialed_ip="10.96.0.10", dialed_port=80, server_ip="10.2.0.1", server_port=r.choice(ports),
+            client_nat_ip="10.1.0.1", client_nat_port=1, dnat=True, snat=False,
+            bytes_c2s=b, packets_c2s=b // 1400 + 1, bytes_s2c=b // 3, packets_s2c=b // 4200 + 1,
+            opened=r.random() < 0.3, closed=r.random() < 0.2, state="ESTABLISHED", first_seen=1.0, last_seen=2.0,
+        )  # fmt: skip
+        out.append(DecoratedFlow(f, c, s, ServiceMeta(s.namespace, s.workload_name, ()), True, True))
+    return out
+
+
+def _service_graph(n: int, r: random.Random) -> list[DecoratedFlow]:
+    zones = ["eu-west-1a", "eu-west-1b", "eu-west-1c"]
+    kinds = ["Deployment", "StatefulSet", "DaemonSet", "Job"]
+    wls = [
+        (f"team-{i % 30}", f"svc-{i}", kinds[i % 4], [53, 80, 443, 5432, 6379, 8080, 9090][i % 7])
+        for i in range(250)
+    ]
+    deps = {i: r.sample(range(250), 3) for i in range(250)}
+    pods: dict[int, list[Peer]] = {}
+    for i, (ns, wl, kind, _) in enumerate(wls):
+        pods[i] = [
+            Peer("pod", "pod", node=f"node-{(i * 10 + k) % 50}", zone=zones[(i + k) % 3], region="eu-west-1",
+                 namespace=ns, name=f"{wl}-{k}", uid=f"uid-{i}-{k}", workload_name=wl, workload_kind=kind)
+            for k in range(10)
+        ]  # fmt: skip
+    out = []
+    for j in range(n):
+        a = r.randrange(250)
+        b = r.choice(deps[a])
+        c, s = r.choice(pods[a]), r.choice(pods[b])
+        nbytes = r.randint(100, 2_000_000)
+        f = FlowDelta(
+            flow_id=str(j), source="conntrack", observer="node-1", family=4, transport="tcp",
+            client_ip=f"10.{j >> 16 & 255}.{j >> 8 & 255}.{j & 255}", client_port=30000 + j % 30000,
+            dialed_ip="10.96.0.10", dialed_port=wls[b][3], server_ip="10.2.0.1", server_port=wls[b][3],
+            client_nat_ip="10.1.0.1", client_nat_port=1, dnat=True, snat=False,
+            bytes_c2s=nbytes, packets_c2s=nbytes // 1400 + 1, bytes_s2c=nbytes // 3, packets_s2c=nbytes // 4200 + 1,
+            opened=r.random() < 0.3, closed=r.random() < 0.2, state="ESTABLISHED", first_seen=1.0, last_seen=2.0,
+        )  # fmt: skip
+        out.append(DecoratedFlow(f, c, s, ServiceMeta(s.namespace, s.workload_name, ()), True, True))
+    return out
+
+
+def run_otelflow(flows: list[DecoratedFlow]) -> dict[str, float]:
+    from otelflow.aggregate import Aggregator
+    from otelflow.otlp.logs import LogsEncoder
+    from otelflow.otlp.metrics import MetricsEncoder
+
+    agg = Aggregator(level="workload", max_series=1_000_000)
+    menc = MetricsEncoder(RESOURCE, "otelflow", "bench")
+    lenc = LogsEncoder(RESOURCE, "otelflow", "bench")
+    cold = 0.0
+    for interval in range(2):  # interval 0: every series is new (cold); interval 1: steady state
+        c0 = time.process_time()
+        agg.add(flows)
+        items = menc.encode(agg.snapshot(), time.time_ns())
+        logs = lenc.encode(flows)
+        agg.end_interval()
+        cpu = time.process_time() - c0
+        if interval == 0:
+            cold = cpu
+    mbytes = [i.body for i in items]
+    lbytes = [i.body for i in logs]
+    return {
+        "cpu": cpu,
+        "cold_cpu": cold,
+        "points": sum(i.count for i in items),
+        "records": sum(i.count for i in logs),
+        "metric_bytes": sum(map(len, mbytes)),
+        "log_bytes": sum(map(len, lbytes)),
+        "metric_gzip": sum(len(zlib.compress(b, 6)) for b in mbytes),
+        "log_gzip": sum(len(zlib.compress(b, 6)) for b in lbytes),
+        "requests": len(items) + len(logs),
+    }
+
+
+def run_sdk(flows: list[DecoratedFlow]) -> dict[str, float]:
+    from opentelemetry._logs import LogRecord
+    from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
+    from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import InMemoryLogExporter, SimpleLogRecordProcessor
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.resources import Resource
+
+    from otelflow.aggregate import Aggregator
+    from otelflow.otlp.logs import record_attributes
+
+    res = Resource.create(dict(RESOURCE))
+    reader = InMemoryMetricReader()
+    mp = MeterProvider(resource=res, metric_readers=[reader])
+    meter = mp.get_meter("otelflow", "bench")
+    cb = meter.create_counter("otelflow.flow.bytes", unit="By")
+    cp = meter.create_counter("otelflow.flow.packets", unit="{packet}")
+    co = meter.create_counter("otelflow.connections.opened", unit="{connection}")
+    lexp = InMemoryLogExporter()
+    lp = LoggerProvider(resource=res)
+    lp.add_log_record_processor(SimpleLogRecordProcessor(lexp))
+    logger = lp.get_logger("otelflow", "bench")
+    # the same attribute sets otelflow exports (computed outside the timed region: the SDK gets them free)
+    agg = Aggregator(level="workload")
+    prepared = []
+    for d in flows:
+        f = d.flow
+        fv = (f.transport, f"ipv{f.family}", f.server_port, d.service.name if d.service else "")
+        (c_src, c_dst), (s_src, s_dst), fid = (
+            agg._end(d.client, f.client_ip),
+            agg._end(d.server, f.server_ip),
+            agg._flow(fv),
+        )
+        parts = agg._parts
+        up = dict(parts[c_src][0] + parts[s_dst][0] + parts[fid][0])
+        down = dict(parts[s_src][0] + parts[c_dst][0] + parts[fid][0])
+        prepared.append((f, up, down, dict(record_attributes(d))))
+    cold = 0.0
+    for interval in range(2):  # as for otelflow: a cold interval, then the steady state
+        lexp.clear()
+        c0 = time.process_time()
+        for f, up, down, la in prepared:
+            cb.add(f.bytes_c2s, up)
+            cp.add(f.packets_c2s, up)
+            cb.add(f.bytes_s2c, down)
+            cp.add(f.packets_s2c, down)
+            if f.opened:
+                co.add(1, up)
+            logger.emit(
+                LogRecord(timestamp=time.time_ns(), body=None, attributes=la, event_name="otelflow.flow")
+            )
+        data = reader.get_metrics_data()
+        mreq = encode_metrics(data).SerializeToString()
+        lreq = encode_logs(lexp.get_finished_logs()).SerializeToString()
+        cpu = time.process_time() - c0
+        if interval == 0:
+            cold = cpu
+    points = sum(
+        len(m.data.data_points) for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+    )
+    return {
+        "cpu": cpu,
+        "cold_cpu": cold,
+        "points": points,
+        "records": len(lexp.get_finished_logs()),
+        "metric_bytes": len(mreq),
+        "log_bytes": len(lreq),
+        "metric_gzip": len(zlib.compress(mreq, 6)),
+        "log_gzip": len(zlib.compress(lreq, 6)),
+        "requests": 2,
+    }
+
+
+def child(path: str, n: int, shape: str) -> None:
+    flows = make_flows(n, shape=shape)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res = run_otelflow(flows) if path == "otelflow" else run_sdk(flows)
+    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["rss_before_mib"] = rss0 / 1024
+    print(json.dumps(res))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--flows", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--child", choices=["otelflow", "sdk"])
+    ap.add_argument("--shape", choices=["realistic", "unique"], default="realistic")
+    a = ap.parse_args()
+    if a.child:
+        child(a.child, a.flows, a.shape)
+        return
+    results: dict[str, list[dict[str, float]]] = {"otelflow": [], "sdk": []}
+    for rnd in range(a.rounds):
+        for path in ("otelflow", "sdk"):  # A B A B ...: machine drift hits both
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", path, "--flows", str(a.flows), "--shape", a.shape],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            results[path].append(r)
+            print(
+                f"round {rnd + 1} {path:8s}: cpu {r['cpu']:.2f}s (cold {r['cold_cpu']:.2f}s)  points {r['points']:.0f} "
+                f"({r['points'] / r['cpu']:,.0f}/s)  records {r['records']:.0f} ({r['records'] / r['cpu']:,.0f}/s)  "
+                f"metrics {r['metric_bytes'] / 1e6:.1f} MB ({r['metric_gzip'] / 1e6:.2f} gz)  "
+                f"logs {r['log_bytes'] / 1e6:.1f} MB ({r['log_gzip'] / 1e6:.2f} gz)  peak RSS {r['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
+    ratios = [s["cpu"] / o["cpu"] for o, s in zip(results["otelflow"], results["sdk"], strict=True)]
+    cold_ratios = [
+        s["cold_cpu"] / o["cold_cpu"] for o, s in zip(results["otelflow"], results["sdk"], strict=True)
+    ]
+    ours = statistics.median(r["cpu"] for r in results["otelflow"])
+    print(
+        f"RESULT shape={a.shape} flows={a.flows} ratio_sdk_over_otelflow={statistics.median(ratios):.1f} "
+        f"cold_ratio={statistics.median(cold_ratios):.1f} "
+        f"otelflow_cpu_s={ours:.2f} sdk_cpu_s={statistics.median(r['cpu'] for r in results['sdk']):.2f} "
+        f"otelflow_peak_rss_mib={statistics.median(r['peak_rss_mib'] for r in results['otelflow']):.0f} "
+        f"sdk_peak_rss_mib={statistics.median(r['peak_rss_mib'] for r in results['sdk']):.0f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
