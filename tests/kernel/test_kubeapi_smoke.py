@@ -1,31 +1,44 @@
 """Smoke test of otelflow.testing.kubeapi: a real etcd + kube-apiserver on loopback.
 
-Binaries: OTELFLOW_KUBE_BIN_DIR + OTELFLOW_ETCD_BIN, else scripts/build-kube (a full build only
-with OTELFLOW_BUILD_KUBE=1, otherwise only what an earlier build cached); skipped when none.
+Binaries: OFL_KUBE_BIN_DIR + OFL_ETCD_BIN, else scripts/build-kube (a full build only
+with OFL_BUILD_KUBE=1, otherwise only what an earlier build cached); skipped when none.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import threading
 import time
 import urllib.error
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from otelflow.testing.kubeapi import BinariesNotFound, KubeAPI, find_binaries
+from otelflow.testing.kubeapi import BinariesNotFound, KubeAPI, KubeAPIError, find_binaries
 
 NS = "smoke"
 
 
+@functools.cache
+def binaries() -> tuple[Path, Path] | BinariesNotFound | KubeAPIError:
+    # Once per session: a skip or failure in a module fixture is not cached, and a build is slow.
+    try:
+        return find_binaries()
+    except (BinariesNotFound, KubeAPIError) as e:
+        return e
+
+
 @pytest.fixture(scope="module")
 def api() -> Iterator[KubeAPI]:
-    try:
-        apiserver, etcd = find_binaries()
-    except BinariesNotFound as e:
-        pytest.skip(f"no kube-apiserver/etcd: {e}")
+    found = binaries()
+    if isinstance(found, BinariesNotFound):
+        pytest.skip(f"no kube-apiserver/etcd: {found}")
+    if isinstance(found, KubeAPIError):
+        pytest.fail(f"building kube-apiserver/etcd was asked for (OFL_BUILD_KUBE=1) and failed: {found}")
+    apiserver, etcd = found
     with KubeAPI(apiserver, etcd) as k:
         k.create_namespace(NS)
         yield k
@@ -153,24 +166,30 @@ def test_watch_added_modified_bookmark(api: KubeAPI) -> None:
 
 
 def test_watch_too_old_resource_version_is_gone(api: KubeAPI) -> None:
+    status, out = api.request("GET", f"/api/v1/namespaces/{NS}/pods")
+    assert status == 200
+    old_rv = out["metadata"]["resourceVersion"]
     for i in range(3):
-        status, out = api.request(
-            "PATCH", f"/api/v1/namespaces/{NS}/pods/web-0", {"metadata": {"labels": {"n": str(i)}}}
-        )
+        patch = {"metadata": {"labels": {"n": str(i)}}}
+        status, out = api.request("PATCH", f"/api/v1/namespaces/{NS}/pods/web-0", patch)
         assert status == 200, out
-    api.compact_etcd()
-    # resourceVersion=1 predates both the watch cache's window (it was filled by a list at start)
-    # and etcd's compacted history, so whichever serves it, the answer is 410 Gone: as an HTTP
-    # status, or (the usual case) as an ERROR event carrying a Status with code 410.
-    events = list(api.watch(f"/api/v1/namespaces/{NS}/pods", {"resourceVersion": "1"}, timeout=5))
-    assert events, "no answer to the watch"
-    first = events[0]
-    if first["type"] == "HTTP_ERROR":
-        assert first["code"] == 410, first
-    else:
-        assert first["type"] == "ERROR", events[:3]
-        assert first["object"]["code"] == 410, first
-        assert first["object"]["reason"] in ("Expired", "Gone"), first
+    # Before: an old resourceVersion is still served from the watch cache's window.
+    events = list(api.watch(f"/api/v1/namespaces/{NS}/pods", {"resourceVersion": old_rv}, timeout=2))
+    assert [e["type"] for e in events if e["type"] != "BOOKMARK"][:3] == ["MODIFIED"] * 3, events[:3]
+
+    api.expire_history()  # compact etcd + restart the API server (its watch cache re-lists)
+    for rv in (old_rv, "1"):
+        events = list(api.watch(f"/api/v1/namespaces/{NS}/pods", {"resourceVersion": rv}, timeout=5))
+        assert events, f"no answer to the watch from {rv}"
+        first = events[0]
+        # 410 arrives as an ERROR event carrying a Status (the watch cache's way) or, when the
+        # request fails before the stream starts, as the HTTP status itself.
+        if first["type"] == "HTTP_ERROR":
+            assert first["code"] == 410, first
+        else:
+            assert first["type"] == "ERROR", (rv, events[:3])
+            assert first["object"]["code"] == 410, first
+            assert first["object"]["reason"] in ("Expired", "Gone"), first
 
 
 def test_service_account_token_rbac(api: KubeAPI) -> None:

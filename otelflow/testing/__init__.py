@@ -1,0 +1,1 @@
+"""Test helpers that start real components (kube-apiserver, etcd) on loopback."""
