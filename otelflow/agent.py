@@ -108,10 +108,13 @@ class Pipeline:
         self.sinks = list(sinks)
         self.poll_interval = poll_interval
         self.stop = threading.Event()
+        self.ready = threading.Event()  # set once the source has started (what /readyz reports)
 
     def run(self, on_tick: Callable[[], None] | None = None) -> None:
         src = self.source
         src.start()
+        self.ready.set()
+        log.info("ready: %s source started, baseline taken", src.name)
         sel = selectors.DefaultSelector()
         fd = src.fileno()
         if fd is not None:

@@ -26,6 +26,9 @@ class AgentRun:
     records: list[dict[str, Any]] = field(default_factory=list)
     stderr: str = ""
     _reader: threading.Thread | None = None
+    _err_reader: threading.Thread | None = None
+    _err_lines: list[str] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
     _taken: int = 0
 
     def take_new(self) -> list[dict[str, Any]]:
@@ -73,7 +76,7 @@ def agents(
     *,
     poll: float = 0.5,
     extra_env: dict[str, str] | None = None,
-    warmup: float = 1.0,
+    warmup: float = 0.2,
     inventory: str | None = None,
 ) -> Iterator[dict[str, AgentRun]]:
     """Start one agent per node; on exit stop them (SIGTERM: final flush) and parse their JSON lines."""
@@ -85,6 +88,7 @@ def agents(
                 "OTELFLOW_NODE_NAME": node,
                 "OTELFLOW_SOURCE__POLL_INTERVAL": str(poll),
                 "OTELFLOW_API__LISTEN": "",
+                "OTELFLOW_LOG_LEVEL": "info",
                 **({"OTELFLOW_METADATA__INVENTORY": inventory} if inventory else {}),
                 **(extra_env or {}),
             }
@@ -122,6 +126,7 @@ def agents(
             except subprocess.TimeoutExpired:
                 run.proc.kill()
                 run.proc.wait()
-            if run._reader:
-                run._reader.join(timeout=10)
-            run.stderr = run.proc.stderr.read() if run.proc.stderr else ""
+            for t in (run._reader, run._err_reader):
+                if t:
+                    t.join(timeout=10)
+            run.stderr = "".join(run._err_lines)
