@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -119,7 +120,10 @@ class Lab:
 
     def __init__(self, topology: Topology, lab_id: str | None = None) -> None:
         self.topology = topology
-        self.names = Names(lab_id or secrets.token_hex(3))
+        # OFL_LAB_TAG (test tooling) prefixes random lab ids, so a test session can tell its own labs
+        # from those of other processes on the same machine
+        tag = os.environ.get("OFL_LAB_TAG", "")[:4]
+        self.names = Names(lab_id or tag + secrets.token_hex(3))
         self.ports = PortAllocator()  # client ports of the traffic generator
         self._up = False
 

@@ -7,6 +7,7 @@ in which case a missing privilege is an error: CI must never pass by skipping th
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 
@@ -40,10 +41,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_leftover_labs() -> Iterator[None]:
-    before = set(list_labs()) if _why_not() is None else set()
+    """Every lab this session made is gone at the end (labs carry the session's tag in their id, so
+    labs of other processes on the machine are not judged)."""
+    tag = secrets.token_hex(2)
+    os.environ["OFL_LAB_TAG"] = tag
     yield
     if _why_not() is None:
-        left = set(list_labs()) - before
+        left = [lab for lab in list_labs() if lab.startswith(tag)]
         assert not left, f"tests left labs behind: {sorted(left)}"
 
 
