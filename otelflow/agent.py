@@ -4,13 +4,16 @@
     (conntrack | eBPF)   (IP index: Kubernetes / inventory)  (per interval)  (OTLP, Prometheus, JSON lines)
 
 Each stage is an object with one job, made from the configuration here and nowhere else: the source
-yields FlowDeltas, the Decorator names both ends through the IP index and asks CountOnce which
-directions this node reports, and the sinks receive DecoratedFlows. Aggregation and OTLP export slot
-in as further sinks; today `otelflow run --output json` prints each decorated delta as a JSON line.
+yields FlowDeltas each poll; the Decorator names both ends through the IP index (fed by the
+Kubernetes cache and/or the inventory) and asks CountOnce which directions this node reports; the
+ExportStage aggregates into metric series, exports them over OTLP every export interval and flow logs
+as they come, and serves them on /metrics; `--output json` adds a sink that prints each decorated
+delta as a JSON line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import selectors
@@ -19,14 +22,22 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
+from otelflow.aggregate import Aggregator
 from otelflow.config import Config
 from otelflow.countonce import CountOnce
 from otelflow.decorate import DecoratedFlow, Decorator
+from otelflow.export import ExportStage
 from otelflow.flow import FlowDelta
+from otelflow.k8s.cache import MetadataCache, client_from_config
+from otelflow.k8s.client import KubeConfigError
 from otelflow.meta.index import IpIndex
 from otelflow.meta.inventory import InventoryError, build_index, load_inventory_file
+from otelflow.otlp.exporter import OtlpExporter
+from otelflow.otlp.logs import LogFilter, LogsEncoder
+from otelflow.otlp.metrics import MetricsEncoder
+from otelflow.promexp import AgentHttpServer
 
 log = logging.getLogger("otelflow")
 
@@ -43,6 +54,7 @@ class Source(Protocol):
 
 class Sink(Protocol):
     def write(self, deltas: Sequence[DecoratedFlow]) -> None: ...
+    def tick(self) -> None: ...  # after every poll (export intervals are the sink's business)
     def close(self) -> None: ...
 
 
@@ -56,6 +68,9 @@ class JsonLinesSink:
         for d in deltas:
             self.out.write(json.dumps(d.to_json(), separators=(",", ":")) + "\n")
         self.out.flush()
+
+    def tick(self) -> None:
+        pass
 
     def close(self) -> None:
         self.out.flush()
@@ -81,14 +96,23 @@ def select_source(cfg: Config, requested: str) -> tuple[Source, str]:
     return ConntrackSource(cfg.source.conntrack, cfg.node_name or _hostname()), reason
 
 
-def make_index(cfg: Config) -> IpIndex:
-    """The IP index, filled from the static inventory when one is configured."""
+def make_index(cfg: Config) -> tuple[IpIndex, MetadataCache | None]:
+    """The IP index, filled from the static inventory when one is configured, and the Kubernetes
+    list+watch cache that keeps it current when metadata.kubernetes is on: started here, stopped by
+    the caller. While the cache runs, every reader of the index holds ``cache.lock``."""
     index = IpIndex(history=cfg.metadata.history)
     if cfg.metadata.inventory:
         records, groups = load_inventory_file(cfg.metadata.inventory)
         build_index(records, groups, index)
         log.info("inventory %s: %d records", cfg.metadata.inventory, len(records))
-    return index
+    kube = cfg.metadata.kubernetes
+    client = client_from_config(kube.enabled, kube.kubeconfig)
+    if client is None:
+        return index, None
+    cache = MetadataCache(client, index, page_size=kube.page_size)
+    cache.start()
+    log.info("kubernetes metadata from %s (%s)", client.server, client.config.source)
+    return index, cache
 
 
 def _hostname() -> str:
@@ -101,12 +125,19 @@ class Pipeline:
     """Runs a source on its poll interval and hands every batch of deltas to the sinks."""
 
     def __init__(
-        self, source: Source, decorator: Decorator, sinks: Sequence[Sink], poll_interval: float
+        self,
+        source: Source,
+        decorator: Decorator,
+        sinks: Sequence[Sink],
+        poll_interval: float,
+        index_lock: contextlib.AbstractContextManager[Any] | None = None,
     ) -> None:
         self.source = source
         self.decorator = decorator
         self.sinks = list(sinks)
         self.poll_interval = poll_interval
+        # held while a batch is decorated: the metadata cache's lock, when one feeds the index
+        self.index_lock = index_lock or contextlib.nullcontext()
         self.stop = threading.Event()
         self.ready = threading.Event()  # set once the source has started (what /readyz reports)
 
@@ -133,6 +164,8 @@ class Pipeline:
                     next_poll += self.poll_interval
                     if next_poll < time.monotonic():  # fell behind: do not burst
                         next_poll = time.monotonic() + self.poll_interval
+                    for sink in self.sinks:
+                        sink.tick()
                     if on_tick:
                         on_tick()
             self._emit(src.poll())  # final flush: nothing seen before the stop is lost
@@ -144,7 +177,8 @@ class Pipeline:
 
     def _emit(self, deltas: list[FlowDelta]) -> None:
         if deltas:
-            decorated = [self.decorator.decorate(d) for d in deltas]
+            with self.index_lock:
+                decorated = [self.decorator.decorate(d) for d in deltas]
             for s in self.sinks:
                 s.write(decorated)
 
@@ -166,12 +200,31 @@ def run_agent(cfg: Config, source_name: str, output: str) -> int:
     log.info("flow source: %s (%s)", source.name, reason)
     node = cfg.node_name or _hostname()
     try:
-        index = make_index(cfg)
+        index, cache = make_index(cfg)
     except InventoryError as e:
         print(f"otelflow run: inventory: {e}", file=sys.stderr)
         return 2
-    sinks: list[Sink] = [JsonLinesSink(sys.stdout)] if output == "json" else []
-    pipe = Pipeline(source, Decorator(index, CountOnce(node)), sinks, cfg.source.poll_interval)
+    except KubeConfigError as e:
+        print(f"otelflow run: kubernetes: {e}", file=sys.stderr)
+        return 2
+    try:
+        export = make_export(cfg, node)
+    except (OSError, ValueError) as e:
+        print(f"otelflow run: export: {e}", file=sys.stderr)
+        return 2
+    sinks: list[Sink] = [export]
+    if output == "json":
+        sinks.append(JsonLinesSink(sys.stdout))
+    lock = cache.lock if cache else None
+    pipe = Pipeline(source, Decorator(index, CountOnce(node)), sinks, cfg.source.poll_interval, lock)
+    servers = []
+    for listen in dict.fromkeys(a for a in (cfg.api.listen, cfg.export.prometheus.listen) if a):
+        try:
+            servers.append(AgentHttpServer(listen, export.prometheus, pipe.ready.is_set))
+        except OSError as e:
+            print(f"otelflow run: cannot listen on {listen}: {e.strerror or e}", file=sys.stderr)
+            return 1
+        log.info("serving /metrics, /healthz, /readyz on %s", listen)
 
     def stop(signum: int, frame: object) -> None:
         pipe.stop.set()
@@ -183,4 +236,59 @@ def run_agent(cfg: Config, source_name: str, output: str) -> int:
     except ConntrackUnavailable as e:
         print(f"otelflow run: {e}", file=sys.stderr)
         return 1
+    finally:
+        for srv in servers:
+            srv.close()
+        if cache:
+            cache.stop()
     return 0
+
+
+def resource_attributes(cfg: Config, node: str) -> list[tuple[str, str]]:
+    """The agent's resource: who is reporting (merged with export.resource_attributes, which wins)."""
+    import socket
+    import uuid
+
+    from otelflow import __version__
+
+    attrs = {
+        "service.name": cfg.export.service_name,
+        "service.version": __version__,
+        "service.instance.id": str(uuid.uuid4()),
+        "k8s.node.name": node,
+        "host.name": socket.gethostname(),
+    }
+    if cfg.cluster_name:
+        attrs["k8s.cluster.name"] = cfg.cluster_name
+    attrs.update(cfg.export.resource_attributes)
+    return list(attrs.items())
+
+
+def make_export(cfg: Config, node: str) -> ExportStage:
+    """Aggregation (always: it feeds /metrics) and, with an endpoint, OTLP metrics and flow logs."""
+    from otelflow import __version__
+
+    m, lg = cfg.export.metrics, cfg.export.logs
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    aggregator = Aggregator(m.level, split(m.include), split(m.exclude), m.max_series, m.idle_intervals)
+    if not cfg.export.otlp.endpoint:
+        return ExportStage(aggregator, cfg.export.interval)
+    res = resource_attributes(cfg, node)
+    metrics = MetricsEncoder(res, "otelflow", __version__, cfg.export.temporality)
+    logs = None
+    if lg.enabled:
+        flt = LogFilter(
+            frozenset(split(lg.namespaces)),
+            frozenset(split(lg.classes)),
+            lg.min_bytes,
+            lg.sample_percent / 100,
+        )
+        logs = LogsEncoder(res, "otelflow", __version__, flt)
+    exporter = OtlpExporter(cfg.export.otlp)
+    log.info(
+        "OTLP export to %s (%s), every %.0f s",
+        cfg.export.otlp.endpoint,
+        cfg.export.otlp.protocol,
+        cfg.export.interval,
+    )
+    return ExportStage(aggregator, cfg.export.interval, metrics, logs, exporter)

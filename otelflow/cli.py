@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 "--output",
                 choices=("json", "none"),
-                default="json",
-                help="json: print every flow delta as a JSON line on stdout (default)",
+                default="none",
+                help="json: also print every decorated flow delta as a JSON line on stdout (debugging)",
             )
 
     sp = sub.add_parser("demo", help="build a lab cluster on this machine, run traffic, show the flows")

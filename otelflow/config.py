@@ -18,7 +18,8 @@ environment is merged into the one below it (same keys are replaced, other keys 
 no field is an error, except ``OTELFLOW_CONFIG``, which is reserved for the config file path.
 
 In the file, types are strict: a bool must be a YAML bool, an int a YAML int, a string a string; a
-duration is a positive number of seconds or a string with a unit. Every problem raises
+duration is a positive number of seconds or a string with a unit; an enum whose choices include
+"true" and "false" (``metadata.kubernetes.enabled``) also takes a YAML bool. Every problem raises
 :class:`ConfigError` with a one-line message naming the file or variable and the dotted key.
 
 The model is a tree of frozen dataclasses; the loader is generic and driven by the field types:
@@ -48,7 +49,10 @@ __all__ = [
     "ConntrackConfig",
     "Duration",
     "ExportConfig",
+    "KubernetesConfig",
+    "LogsConfig",
     "MetadataConfig",
+    "MetricsConfig",
     "OtlpConfig",
     "PrometheusConfig",
     "SourceConfig",
@@ -143,6 +147,24 @@ def _at_least(minimum: int) -> Callable[[int], None]:
     return check
 
 
+def _between(low: int, high: int) -> Callable[[int], None]:
+    def check(value: int) -> None:
+        if not low <= value <= high:
+            raise _Bad(f"must be between {low} and {high}, got {value}")
+
+    return check
+
+
+def _check_attribute_list(value: str) -> None:
+    from otelflow.schema import metric_attribute_names
+
+    known = metric_attribute_names("flow")
+    for name in (n.strip() for n in value.split(",")):
+        if name and name not in known:
+            hint = _closest(name, list(known))
+            raise _Bad(f"unknown attribute {name!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
+
+
 ListenAddress = Annotated[str, _check_listen]
 Url = Annotated[str, _check_url]
 
@@ -182,6 +204,24 @@ class PrometheusConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    level: Literal["workload", "pod", "flow"] = "workload"  # aggregation level of flow metrics
+    include: Annotated[str, _check_attribute_list] = ""  # comma-separated attributes to add
+    exclude: Annotated[str, _check_attribute_list] = ""  # comma-separated attributes to drop
+    max_series: Annotated[int, _at_least(10)] = 10000  # per metric; more goes to one overflow series
+    idle_intervals: Annotated[int, _at_least(1)] = 5  # forget a series idle for this many exports
+
+
+@dataclass(frozen=True, slots=True)
+class LogsConfig:
+    enabled: bool = True  # flow logs over OTLP (when an endpoint is set)
+    namespaces: str = ""  # comma-separated: keep flows with an end in these namespaces (empty: all)
+    classes: str = ""  # comma-separated peer classes to keep (pod, node, public, <group>...; empty: all)
+    min_bytes: Annotated[int, _at_least(0)] = 0  # drop records that moved fewer bytes (open/close kept)
+    sample_percent: Annotated[int, _between(0, 100)] = 100  # keep this % of flows (consistent per flow)
+
+
+@dataclass(frozen=True, slots=True)
 class ExportConfig:
     interval: Duration = Duration(60.0)  # how often metrics are exported
     temporality: Literal["cumulative", "delta"] = "cumulative"  # OTLP aggregation temporality
@@ -189,12 +229,23 @@ class ExportConfig:
     resource_attributes: dict[str, str] = field(default_factory=dict)  # extra resource attributes
     otlp: OtlpConfig = field(default_factory=OtlpConfig)  # OTLP push exporter
     prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)  # Prometheus pull endpoint
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # flow metric shape and cardinality
+    logs: LogsConfig = field(default_factory=LogsConfig)  # flow logs
+
+
+@dataclass(frozen=True, slots=True)
+class KubernetesConfig:
+    # "auto": on when a kubeconfig is set or the agent runs in a pod; a YAML bool works too
+    enabled: Literal["auto", "true", "false"] = "auto"
+    kubeconfig: str = ""  # kubeconfig file (current-context); empty: the pod's ServiceAccount
+    page_size: Annotated[int, _at_least(1)] = 500  # objects per page when listing
 
 
 @dataclass(frozen=True, slots=True)
 class MetadataConfig:
     inventory: str = ""  # static inventory file: names without Kubernetes (outside hosts, the demo)
     history: Duration = Duration(300.0)  # how long a released address still names its old owner
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)  # list+watch cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +352,8 @@ def _parse(tp: Any, value: object, from_env: bool) -> Any:
         result = value
     elif get_origin(base) is Literal:
         choices = get_args(base)
+        if isinstance(value, bool) and "true" in choices:  # a YAML bool for a "true"/"false" choice
+            value = "true" if value else "false"
         if not isinstance(value, str) or value.strip().lower() not in choices:
             raise _Bad(f"expected one of {', '.join(map(repr, choices))}, got {_show(value)}")
         result = value.strip().lower()

@@ -78,6 +78,7 @@ def agents(
     extra_env: dict[str, str] | None = None,
     warmup: float = 0.2,
     inventory: str | None = None,
+    node_env: dict[str, dict[str, str]] | None = None,
 ) -> Iterator[dict[str, AgentRun]]:
     """Start one agent per node; on exit stop them (SIGTERM: final flush) and parse their JSON lines."""
     runs: dict[str, AgentRun] = {}
@@ -89,12 +90,14 @@ def agents(
                 "OTELFLOW_SOURCE__POLL_INTERVAL": str(poll),
                 "OTELFLOW_API__LISTEN": "",
                 "OTELFLOW_LOG_LEVEL": "info",
+                "OTELFLOW_METADATA__KUBERNETES__ENABLED": "false",  # lab agents are named by the inventory
                 **({"OTELFLOW_METADATA__INVENTORY": inventory} if inventory else {}),
                 **(extra_env or {}),
+                **((node_env or {}).get(node, {})),
             }
             cmd = ["ip", "netns", "exec", lab.node_netns(node), sys.executable, "-m", "otelflow", "run"]
             p = subprocess.Popen(
-                [*cmd, "--source", "conntrack"],
+                [*cmd, "--source", "conntrack", "--output", "json"],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -107,14 +110,27 @@ def agents(
                 for line in run.proc.stdout:
                     run.records.append(json.loads(line))
 
+            def read_err(run: AgentRun = run) -> None:
+                assert run.proc.stderr is not None
+                for line in run.proc.stderr:
+                    run._err_lines.append(line)
+                    if " ready: " in line:
+                        run.ready.set()
+
             run._reader = threading.Thread(target=read, daemon=True)
             run._reader.start()
+            run._err_reader = threading.Thread(target=read_err, daemon=True)
+            run._err_reader.start()
             runs[node] = run
-        time.sleep(warmup)  # baseline dump done before traffic starts
+        # traffic must start after every agent's baseline dump: wait for each to say it is ready
+        deadline = time.monotonic() + 60
         for run in runs.values():
-            assert run.proc.poll() is None, (
-                f"agent on {run.node} died: {run.proc.stderr.read() if run.proc.stderr else ''}"
-            )
+            while not run.ready.wait(0.1):
+                if run.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"agent on {run.node} did not become ready: {''.join(run._err_lines)[-2000:]}"
+                    )
+        time.sleep(warmup)
         yield runs
     finally:
         for run in runs.values():

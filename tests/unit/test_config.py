@@ -64,9 +64,18 @@ export:
     insecure: false
   prometheus:
     listen: "[::]:9464"
+  metrics:
+    level: pod
+    exclude: server.port
+  logs:
+    sample_percent: 25
 metadata:
   inventory: /etc/otelflow/inventory.yaml
   history: 10m
+  kubernetes:
+    enabled: "true"
+    kubeconfig: /etc/kubeconfig
+    page_size: 100
 api:
   listen: ""
 """
@@ -97,8 +106,20 @@ FULL_DICT = {
             "insecure": False,
         },
         "prometheus": {"listen": "[::]:9464"},
+        "metrics": {
+            "level": "pod",
+            "include": "",
+            "exclude": "server.port",
+            "max_series": 10000,
+            "idle_intervals": 5,
+        },
+        "logs": {"enabled": True, "namespaces": "", "classes": "", "min_bytes": 0, "sample_percent": 25},
     },
-    "metadata": {"inventory": "/etc/otelflow/inventory.yaml", "history": 600.0},
+    "metadata": {
+        "inventory": "/etc/otelflow/inventory.yaml",
+        "history": 600.0,
+        "kubernetes": {"enabled": "true", "kubeconfig": "/etc/kubeconfig", "page_size": 100},
+    },
     "api": {"listen": ""},
 }
 
