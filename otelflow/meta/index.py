@@ -122,8 +122,8 @@ class IpIndex:
         self.nodes[n.name] = n
         for ip in n.ips:
             self._claim(self._spans, ip, n, now)
-        if old is not None and (old.zone, old.region) != (n.zone, n.region):
-            self._peer_of.clear()  # pods' peers carry their node's zone
+        if old is None or (old.zone, old.region) != (n.zone, n.region):
+            self._peer_of.clear()  # pods' peers carry their node's zone: rebuild them lazily
 
     def delete_node(self, name: str, now: float | None = None) -> None:
         now = self.clock() if now is None else now
@@ -173,7 +173,9 @@ class IpIndex:
         self.services[(s.namespace, s.name)] = s
         for ip in s.ips:
             self._claim(self._spans, ip, s, now)
-        self._reindex_backends()
+        if old is not None:
+            self._unlink_backends(old)
+        self._link_backends(s)
 
     def delete_service(self, namespace: str, name: str, now: float | None = None) -> None:
         now = self.clock() if now is None else now
@@ -181,15 +183,26 @@ class IpIndex:
         if old:
             for ip in old.ips:
                 self._release(self._spans, ip, old, now)
-            self._reindex_backends()
+            self._unlink_backends(old)
 
-    def _reindex_backends(self) -> None:
-        by: dict[tuple[str, str], list[ServiceMeta]] = {}
-        for s in self.services.values():
-            for b in s.backends:
-                ns, _, pod = b.rpartition("/")
-                by.setdefault((ns or s.namespace, pod), []).append(s)
-        self._by_backend = by
+    def _backend_keys(self, s: ServiceMeta) -> set[tuple[str, str]]:
+        keys = set()
+        for b in s.backends:
+            ns, _, pod = b.rpartition("/")
+            keys.add((ns or s.namespace, pod))
+        return keys
+
+    def _link_backends(self, s: ServiceMeta) -> None:
+        for key in self._backend_keys(s):
+            self._by_backend.setdefault(key, []).append(s)
+
+    def _unlink_backends(self, s: ServiceMeta) -> None:
+        for key in self._backend_keys(s):
+            lst = [x for x in self._by_backend.get(key, []) if (x.namespace, x.name) != (s.namespace, s.name)]
+            if lst:
+                self._by_backend[key] = lst
+            else:
+                self._by_backend.pop(key, None)
 
     def upsert_host(self, h: HostMeta, now: float | None = None) -> None:
         now = self.clock() if now is None else now
@@ -201,6 +214,7 @@ class IpIndex:
         now = self.clock() if now is None else now
         cutoff = now - self.history
         dropped = 0
+        self._peer_of.clear()  # keeps no released owner alive; rebuilt lazily
         for table in (self._spans, self._host_ports):
             for key in list(table):
                 spans = table[key]
