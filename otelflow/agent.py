@@ -112,6 +112,10 @@ def make_index(cfg: Config) -> tuple[IpIndex, MetadataCache | None]:
     cache = MetadataCache(client, index, page_size=kube.page_size)
     cache.start()
     log.info("kubernetes metadata from %s (%s)", client.server, client.config.source)
+    if cache.wait_synced(30):
+        log.info("kubernetes metadata synced")
+    else:  # keep going: the cache serves what it has and fills in; the flows' names follow
+        log.warning("kubernetes metadata not synced after 30 s (%s): starting anyway", cache.stats())
     return index, cache
 
 

@@ -963,9 +963,9 @@ class EventSocket:
     DESTROY events carry the final counters when ``nf_conntrack_acct`` was on at entry creation.
 
     Note: with ``net.netfilter.nf_conntrack_events=2`` (the default) the kernel attaches event
-    delivery only to entries created while some listener exists: entries older than the first
-    listener never produce events, not even DESTROY on ``conntrack -D`` (seen on 6.18). Their end
-    must be noticed by dumps.
+    delivery to entries created while some listener exists; entries older than the first listener
+    may produce no events, not even DESTROY on ``conntrack -D`` (seen on 6.18, though not every
+    time). Their end must be noticed by dumps.
     """
 
     def __init__(

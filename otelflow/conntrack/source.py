@@ -5,8 +5,9 @@ read the same counters), read the events the dump itself caused (a dump that wal
 entry destroys it on the spot), settle vanished flows, and return the flow deltas.
 
 The event socket is opened before the first (baseline) dump: with the kernel default
-``nf_conntrack_events=2`` only entries created while a listener exists get events, so every flow
-that starts after the baseline is guaranteed its DESTROY with final counters.
+``nf_conntrack_events=2`` an entry gets events when a listener exists as it is created, so every
+flow that starts after the baseline has its DESTROY with final counters. (Older entries may or may
+not report theirs; both cases are handled.)
 """
 
 from __future__ import annotations
