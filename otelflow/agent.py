@@ -38,6 +38,7 @@ from otelflow.otlp.exporter import OtlpExporter
 from otelflow.otlp.logs import LogFilter, LogsEncoder
 from otelflow.otlp.metrics import MetricsEncoder
 from otelflow.promexp import AgentHttpServer
+from otelflow.selfmetrics import SelfMetrics
 
 log = logging.getLogger("otelflow")
 
@@ -221,6 +222,9 @@ def run_agent(cfg: Config, source_name: str, output: str) -> int:
         sinks.append(JsonLinesSink(sys.stdout))
     lock = cache.lock if cache else None
     pipe = Pipeline(source, Decorator(index, CountOnce(node)), sinks, cfg.source.poll_interval, lock)
+    export.extra = SelfMetrics(
+        source, export, lambda: len(index), cache.staleness_seconds if cache else None
+    ).render
     servers = []
     for listen in dict.fromkeys(a for a in (cfg.api.listen, cfg.export.prometheus.listen) if a):
         try:

@@ -40,6 +40,7 @@ class ExportStage:
         self.clock = clock
         self.lock = threading.Lock()
         self.exports = 0
+        self.extra: Callable[[], str] | None = None  # more /metrics text (the agent's own health)
         self._next = clock() + interval
 
     def write(self, batch: Sequence[DecoratedFlow]) -> None:
@@ -69,7 +70,8 @@ class ExportStage:
 
     def prometheus(self) -> str:
         with self.lock:
-            return render(self.aggregator.snapshot(), self.aggregator.pairs)
+            text = render(self.aggregator.snapshot(), self.aggregator.pairs)
+        return text + (self.extra() if self.extra else "")
 
     def close(self) -> None:
         self.export_now()

@@ -18,7 +18,7 @@ def _label_name(key: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in key)
 
 
-def _escape(v: str) -> str:
+def escape_label_value(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
@@ -36,7 +36,7 @@ def render(
         out.append(f"# HELP {d.prometheus} {d.brief} ({d.unit})")
         out.append(f"# TYPE {d.prometheus} {ptype}")
         for s in series:
-            labels = ",".join(f'{_label_name(k)}="{_escape(str(v))}"' for k, v in pairs(s))
+            labels = ",".join(f'{_label_name(k)}="{escape_label_value(str(v))}"' for k, v in pairs(s))
             out.append(f"{d.prometheus}{{{labels}}} {s.total}" if labels else f"{d.prometheus} {s.total}")
     return "\n".join(out) + "\n" + extra
 

@@ -223,6 +223,83 @@ METRICS: tuple[Metric, ...] = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class SelfMetric:
+    name: str  # Prometheus name on the agent's /metrics
+    kind: Literal["counter", "gauge"]
+    brief: str
+    labels: tuple[str, ...] = ()
+
+
+# The agent's own health, on its /metrics (low cardinality: at most a reason or a resource label).
+SELF_METRICS: tuple[SelfMetric, ...] = (
+    SelfMetric(
+        "otelflow_agent_up",
+        "gauge",
+        "1 while the agent runs; label source: the flow source in use",
+        ("source",),
+    ),
+    SelfMetric("otelflow_agent_flow_records_total", "counter", "flow deltas processed"),
+    SelfMetric("otelflow_agent_flows_tracked", "gauge", "flows the source tracks now"),
+    SelfMetric(
+        "otelflow_agent_flows_vanished_total",
+        "counter",
+        "flows that left conntrack without a DESTROY event (final bytes unknown)",
+    ),
+    SelfMetric(
+        "otelflow_agent_conntrack_event_overflows_total",
+        "counter",
+        "conntrack event socket overflows (ENOBUFS), each followed by a resync dump",
+    ),
+    SelfMetric("otelflow_agent_parse_malformed_total", "counter", "malformed netlink messages skipped"),
+    SelfMetric("otelflow_agent_conntrack_table_entries", "gauge", "entries in the node's conntrack table"),
+    SelfMetric(
+        "otelflow_agent_conntrack_table_max", "gauge", "the conntrack table's capacity (nf_conntrack_max)"
+    ),
+    SelfMetric("otelflow_agent_metric_series", "gauge", "live metric series across flow metrics"),
+    SelfMetric(
+        "otelflow_agent_metric_overflow_points_total",
+        "counter",
+        "points folded into the overflow series (cardinality cap)",
+    ),
+    SelfMetric("otelflow_agent_export_requests_total", "counter", "OTLP requests attempted"),
+    SelfMetric(
+        "otelflow_agent_export_failed_requests_total",
+        "counter",
+        "OTLP requests that failed (each retry counts)",
+    ),
+    SelfMetric("otelflow_agent_export_retries_total", "counter", "OTLP retries"),
+    SelfMetric(
+        "otelflow_agent_export_dropped_items_total",
+        "counter",
+        "points and log records given up, by reason",
+        ("reason",),
+    ),
+    SelfMetric(
+        "otelflow_agent_export_superseded_points_total",
+        "counter",
+        "queued cumulative points replaced by a newer snapshot (no data lost)",
+    ),
+    SelfMetric(
+        "otelflow_agent_export_rejected_items_total",
+        "counter",
+        "items the collector rejected (partial success)",
+    ),
+    SelfMetric("otelflow_agent_export_queue_bytes", "gauge", "bytes waiting in the OTLP queue"),
+    SelfMetric(
+        "otelflow_agent_flow_logs_filtered_total",
+        "counter",
+        "flow-log records dropped by the filters or sampling",
+    ),
+    SelfMetric(
+        "otelflow_agent_metadata_staleness_seconds",
+        "gauge",
+        "time since the Kubernetes API was last heard from (0 without Kubernetes)",
+    ),
+    SelfMetric("otelflow_agent_index_addresses", "gauge", "addresses in the IP index"),
+)
+
+
 def end_attributes(level: Level) -> tuple[Attribute, ...]:
     rank = LEVELS.index(level)
     return tuple(a for a in END_ATTRIBUTES if LEVELS.index(a.level) <= rank)
@@ -283,6 +360,15 @@ def markdown() -> str:
     ]
     for a in FLOW_ATTRIBUTES:
         out.append(f"| `{a.name}` | {a.type} | {a.level} | {a.brief} | {a.source} |")
+    out += [
+        "",
+        "## The agent's own metrics (on its `/metrics`)",
+        "",
+        "| name | kind | labels | meaning |",
+        "|---|---|---|---|",
+    ]
+    for sm in SELF_METRICS:
+        out.append(f"| `{sm.name}` | {sm.kind} | {', '.join(sm.labels) or '-'} | {sm.brief} |")
     out += ["", "## Resource attributes", "", "| attribute | meaning | source |", "|---|---|---|"]
     for a in RESOURCE_ATTRIBUTES:
         out.append(f"| `{a.name}` | {a.brief} | {a.source} |")
