@@ -270,6 +270,7 @@ class OtlpExporter:
         self._cv = threading.Condition()
         self._stop = False
         self._busy = False
+        self._hurry = False  # flush/close: cut backoff waits short and try now
         self._thread = threading.Thread(target=self._run, name="otlp-exporter", daemon=True)
         self._thread.start()
 
@@ -293,16 +294,23 @@ class OtlpExporter:
             self._cv.notify()
 
     def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until the queue is empty; a sender in a backoff wait retries at once."""
         deadline = time.monotonic() + timeout
         with self._cv:
-            while self._q or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cv.wait(min(left, 0.2))
-        return True
+            self._hurry = True
+            self._cv.notify_all()
+            try:
+                while self._q or self._busy:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cv.wait(min(left, 0.2))
+                return True
+            finally:
+                self._hurry = False
 
     def close(self, timeout: float = 10.0) -> None:
+        """Flush (one immediate attempt even mid-backoff, then retries until `timeout`), then stop."""
         self.flush(timeout)
         with self._cv:
             self._stop = True
@@ -342,7 +350,7 @@ class OtlpExporter:
             with self._cv:
                 if item not in self._q:
                     return False  # replaced by a newer snapshot while we waited
-                if self._stop and time.monotonic() - t0 > 1.0:
+                if self._stop:
                     self._drop(item, "shutdown")
                     return True
             self.stats.requests += 1
@@ -360,8 +368,16 @@ class OtlpExporter:
                 self.stats.retries += 1
                 wait = e.delay if e.delay is not None else backoff * (0.5 + random.random() / 2)
                 backoff = min(backoff * 2, BACKOFF_MAX)
+                deadline = time.monotonic() + min(wait, BACKOFF_MAX)
+                told = e.delay is not None  # the server said when: a flush does not overrule it
                 with self._cv:
-                    self._cv.wait(min(wait, BACKOFF_MAX))
+                    while not self._stop and not (self._hurry and not told):
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cv.wait(left)
+                    if self._hurry and not told:
+                        self._hurry = False  # one immediate attempt per flush request
                 continue
             rejected, msg = partial_success(resp)
             if rejected:

@@ -69,7 +69,12 @@ def test_collector_away_for_two_minutes(collector_bin: str, tmp_path: Path) -> N
                 failed = self_metric(lab.node_netns("node-a"), "otelflow_agent_export_failed_requests_total")
                 col.start()
                 [long] = through.result(timeout=120)
-                time.sleep(4)  # a few exports and scrapes with the collector back
+                # with the collector back, the agents' next attempt (at most one backoff, <= 30 s) carries
+                # the newest cumulative snapshot: wait for it while the agents still run
+                src = {"workload": lab.topology.pod("cart-0").workload}
+                dst = {"workload": lab.topology.pod("db-0").workload}
+                q = promql("otelflow_flow_bytes_total", src, dst, long.server_port, "tcp")
+                wait_value(prom, q, float(long.up_l3_bytes), timeout=60)
             assert long.ok and all(r.ok for r in inside)
             assert all(g < 30 for g in grown.values()), f"agent memory grew during the outage: {grown} MiB"
             assert failed > 0  # the failures are visible, not silent
