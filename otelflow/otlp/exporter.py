@@ -214,7 +214,14 @@ class _Grpc:
         u = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
         target = f"{u.hostname}:{u.port or 4317}"
         insecure = cfg.insecure or u.scheme == "http"
-        opts = [("grpc.max_send_message_length", 64 << 20)]
+        # gRPC's own reconnect backoff grows to 120 s by default: after a collector outage the channel
+        # would stay down long after the collector is back. Our retry loop already paces attempts.
+        opts = [
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.min_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 5000),
+        ]
         if insecure:
             self.channel = grpc.insecure_channel(target, options=opts)
         else:
