@@ -85,6 +85,22 @@ authorityKeyIdentifier = keyid
 """
 
 
+def write_kubeconfig(api: KubeAPI, token: str, path: str | os.PathLike[str]) -> str:
+    """A kubeconfig for `token` against `api` (its CA, its URL); returns the path."""
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "test", "cluster": {"server": api.url, "certificate-authority": str(api.ca_file)}}
+        ],
+        "users": [{"name": "agent", "user": {"token": token}}],
+        "contexts": [{"name": "agent", "context": {"cluster": "test", "user": "agent"}}],
+        "current-context": "agent",
+    }
+    Path(path).write_text(json.dumps(cfg))
+    return str(path)
+
+
 class KubeAPIError(RuntimeError):
     """etcd or kube-apiserver failed to start or answer; the message carries the log tail."""
 

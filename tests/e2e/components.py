@@ -41,6 +41,17 @@ def wait_http(netns: str, url: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"{url} not ready after {timeout:.0f}s")
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
+    """SIGTERM, wait `grace` seconds, then SIGKILL."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Collector:
     """The collector built by scripts/build-collector, with an OTLP receiver, a Prometheus exporter
     and a file exporter for logs, listening on `ip` inside `netns`."""
@@ -81,13 +92,7 @@ class Collector:
         wait_http(self.netns, f"http://{self.ip}:13133/")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
     def log_records(self) -> list[dict[str, Any]]:
@@ -134,13 +139,8 @@ class Prometheus:
         wait_http(self.netns, f"http://{self.ip}:9090/-/ready")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
+        self.proc = None
 
     def query(self, promql: str) -> float | None:
         """An instant query's single value (None when empty)."""

@@ -11,7 +11,6 @@ under a ServiceAccount bound to exactly the cache's RBAC rules; no inventory.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from otelflow.netlab.agents import agents, counted, truth
 from otelflow.netlab.lab import Lab
 from otelflow.netlab.topology import demo_topology
 from otelflow.netlab.traffic import FlowSpec, TrafficGenerator
-from otelflow.testing.kubeapi import BinariesNotFound, KubeAPI, find_binaries
+from otelflow.testing.kubeapi import BinariesNotFound, KubeAPI, find_binaries, write_kubeconfig
 from otelflow.testing.kubelab import LabRegistrar, relays
 
 NODES = ["node-a", "node-b"]
@@ -48,21 +47,6 @@ def name_of(peer: dict[str, Any]) -> str:
     if peer["kind"] == "node":
         return peer["name"]
     return peer["peer_class"]
-
-
-def kubeconfig(api: KubeAPI, token: str, path: Path) -> str:
-    cfg = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {"name": "lab", "cluster": {"server": api.url, "certificate-authority": str(api.ca_file)}}
-        ],
-        "users": [{"name": "agent", "user": {"token": token}}],
-        "contexts": [{"name": "agent", "context": {"cluster": "lab", "user": "agent"}}],
-        "current-context": "agent",
-    }
-    path.write_text(json.dumps(cfg))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +93,7 @@ def setup(api: KubeAPI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
         reg = LabRegistrar(lab, admin)
         reg.register(skip_pods=LATE)  # registered only after the API server's outage
         with relays(lab, api.port):
-            yield lab, reg, kubeconfig(api, token, work / "agent.kubeconfig")
+            yield lab, reg, write_kubeconfig(api, token, work / "agent.kubeconfig")
     admin.close()
 
 

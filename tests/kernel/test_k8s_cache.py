@@ -13,7 +13,6 @@ a missing API server is an error.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -29,7 +28,7 @@ from otelflow.config import load_config
 from otelflow.k8s.cache import RBAC_RULES, MetadataCache
 from otelflow.k8s.client import KubeClient, KubeError, in_cluster_config, kubeconfig_config
 from otelflow.meta.index import IpIndex
-from otelflow.testing.kubeapi import BinariesNotFound, KubeAPI, find_binaries
+from otelflow.testing.kubeapi import BinariesNotFound, KubeAPI, find_binaries, write_kubeconfig
 
 NS = "shop"
 AGENT_NS = "otelflow"
@@ -126,19 +125,7 @@ def cache(api: KubeAPI, admin: KubeClient, agent_kubeconfig: str) -> Iterator[Me
 
 
 def _kubeconfig(api: KubeAPI, token: str, name: str) -> str:
-    cfg = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {"name": "test", "cluster": {"server": api.url, "certificate-authority": str(api.ca_file)}}
-        ],
-        "users": [{"name": "agent", "user": {"token": token}}],
-        "contexts": [{"name": "agent", "context": {"cluster": "test", "user": "agent"}}],
-        "current-context": "agent",
-    }
-    path = api.dir / name
-    path.write_text(json.dumps(cfg))
-    return str(path)
+    return write_kubeconfig(api, token, api.dir / name)
 
 
 def _can_list(c: KubeClient) -> bool:
