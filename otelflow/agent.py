@@ -38,7 +38,7 @@ from otelflow.otlp.exporter import OtlpExporter
 from otelflow.otlp.logs import LogFilter, LogsEncoder
 from otelflow.otlp.metrics import MetricsEncoder
 from otelflow.promexp import AgentHttpServer
-from otelflow.selfmetrics import SelfMetrics
+from otelflow.selfmetrics import SdkSelfTelemetry, SelfMetrics
 
 log = logging.getLogger("otelflow")
 
@@ -213,7 +213,8 @@ def run_agent(cfg: Config, source_name: str, output: str) -> int:
         print(f"otelflow run: kubernetes: {e}", file=sys.stderr)
         return 2
     try:
-        export = make_export(cfg, node)
+        res = resource_attributes(cfg, node)  # one identity (service.instance.id) for everything it sends
+        export = make_export(cfg, res)
     except (OSError, ValueError) as e:
         print(f"otelflow run: export: {e}", file=sys.stderr)
         return 2
@@ -222,9 +223,11 @@ def run_agent(cfg: Config, source_name: str, output: str) -> int:
         sinks.append(JsonLinesSink(sys.stdout))
     lock = cache.lock if cache else None
     pipe = Pipeline(source, Decorator(index, CountOnce(node)), sinks, cfg.source.poll_interval, lock)
-    export.extra = SelfMetrics(
-        source, export, lambda: len(index), cache.staleness_seconds if cache else None
-    ).render
+    selfm = SelfMetrics(source, export, lambda: len(index), cache.staleness_seconds if cache else None)
+    export.extra = selfm.render
+    sdk = None
+    if cfg.export.otlp.endpoint:  # the agent's own health over OTLP too, through the OpenTelemetry SDK
+        sdk = SdkSelfTelemetry(selfm, res, cfg.export.otlp, cfg.export.interval)
     servers = []
     for listen in dict.fromkeys(a for a in (cfg.api.listen, cfg.export.prometheus.listen) if a):
         try:
@@ -245,6 +248,8 @@ def run_agent(cfg: Config, source_name: str, output: str) -> int:
         print(f"otelflow run: {e}", file=sys.stderr)
         return 1
     finally:
+        if sdk:
+            sdk.close()
         for srv in servers:
             srv.close()
         if cache:
@@ -272,7 +277,7 @@ def resource_attributes(cfg: Config, node: str) -> list[tuple[str, str]]:
     return list(attrs.items())
 
 
-def make_export(cfg: Config, node: str) -> ExportStage:
+def make_export(cfg: Config, res: list[tuple[str, str]]) -> ExportStage:
     """Aggregation (always: it feeds /metrics) and, with an endpoint, OTLP metrics and flow logs."""
     from otelflow import __version__
 
@@ -281,7 +286,6 @@ def make_export(cfg: Config, node: str) -> ExportStage:
     aggregator = Aggregator(m.level, split(m.include), split(m.exclude), m.max_series, m.idle_intervals)
     if not cfg.export.otlp.endpoint:
         return ExportStage(aggregator, cfg.export.interval)
-    res = resource_attributes(cfg, node)
     metrics = MetricsEncoder(res, "otelflow", __version__, cfg.export.temporality)
     logs = None
     if lg.enabled:

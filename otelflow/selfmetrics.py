@@ -70,3 +70,80 @@ class SelfMetrics:
                 lab = ",".join(f'{k}="{escape_label_value(str(x))}"' for k, x in labels.items())
                 out.append(f"{m.name}{{{lab}}} {val:g}" if lab else f"{m.name} {val:g}")
         return "\n".join(out) + "\n"
+
+
+def otel_name(prom_name: str) -> str:
+    """otelflow_agent_export_retries_total -> otelflow.agent.export_retries (the SDK's Prometheus
+    translation turns it back into the /metrics name)."""
+    base = prom_name.removesuffix("_total").removeprefix("otelflow_agent_")
+    return f"otelflow.agent.{base}"
+
+
+class SdkSelfTelemetry:
+    """The same health values over OTLP, through the OpenTelemetry SDK (low cardinality, one reader
+    on the export interval). The flow data never goes through the SDK (too slow for it)."""
+
+    def __init__(
+        self, selfmetrics: SelfMetrics, resource: list[tuple[str, str]], otlp: Any, interval: float
+    ) -> None:
+        from opentelemetry.metrics import CallbackOptions, Observation
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.sdk.resources import Resource
+
+        from otelflow import __version__
+
+        if otlp.protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+            insecure = otlp.insecure or otlp.endpoint.startswith("http://")
+            creds = None
+            if not insecure:
+                import grpc
+
+                from otelflow.otlp.exporter import read_file
+
+                creds = grpc.ssl_channel_credentials(
+                    read_file(otlp.certificate),
+                    read_file(otlp.client_key),
+                    read_file(otlp.client_certificate),
+                )
+            exporter = OTLPMetricExporter(
+                endpoint=otlp.endpoint,
+                insecure=insecure,
+                credentials=creds,
+                headers=dict(otlp.headers) or None,
+                timeout=otlp.timeout,
+            )
+        else:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                OTLPMetricExporter as HttpExporter,
+            )
+
+            exporter = HttpExporter(
+                endpoint=otlp.endpoint.rstrip("/") + "/v1/metrics",
+                headers=dict(otlp.headers) or None,
+                timeout=otlp.timeout,
+                certificate_file=otlp.certificate or None,
+                client_certificate_file=otlp.client_certificate or None,
+                client_key_file=otlp.client_key or None,
+            )
+        reader = PeriodicExportingMetricReader(exporter, export_interval_millis=interval * 1000)
+        self.provider = MeterProvider(resource=Resource.create(dict(resource)), metric_readers=[reader])
+        meter = self.provider.get_meter("otelflow.agent", __version__)
+        self._values: dict[str, list[tuple[dict[str, str], float]]] = {}
+
+        def callback_for(name: str) -> Any:
+            def cb(options: CallbackOptions) -> list[Observation]:
+                if name == SELF_METRICS[0].name:  # refresh once per collection
+                    self._values = selfmetrics.values()
+                return [Observation(v, attrs) for attrs, v in self._values.get(name, [])]
+
+            return cb
+
+        for m in SELF_METRICS:
+            create = meter.create_observable_counter if m.kind == "counter" else meter.create_observable_gauge
+            create(otel_name(m.name), callbacks=[callback_for(m.name)], description=m.brief)
+
+    def close(self) -> None:
+        self.provider.shutdown()

@@ -197,7 +197,7 @@ class _Http:
             self.conn = None
 
 
-def _read(path: str) -> bytes | None:
+def read_file(path: str) -> bytes | None:
     if not path:
         return None
     with open(path, "rb") as f:
@@ -225,7 +225,7 @@ class _Grpc:
         if insecure:
             self.channel = grpc.insecure_channel(target, options=opts)
         else:
-            ca, key, crt = (_read(p) for p in (cfg.certificate, cfg.client_key, cfg.client_certificate))
+            ca, key, crt = (read_file(p) for p in (cfg.certificate, cfg.client_key, cfg.client_certificate))
             self.channel = grpc.secure_channel(
                 target, grpc.ssl_channel_credentials(ca, key, crt), options=opts
             )

@@ -172,6 +172,15 @@ def test_flow_logs_carry_names_and_exact_bytes_once(e2e: Any) -> None:
             assert mine[0]["otelflow.nat.dialed.address"] == r.dialed_ip
 
 
+def test_agent_health_arrives_through_the_sdk(e2e: Any) -> None:
+    """The agents' own telemetry goes over OTLP through the OpenTelemetry SDK: both agents report."""
+    _, _, _, prom, _ = e2e
+    assert prom.query("count(otelflow_agent_up)") == 2.0
+    records = prom.query("sum(otelflow_agent_flow_records_total)")
+    assert records is not None and records > 0
+    assert prom.query("sum(otelflow_agent_export_failed_requests_total)") == 0.0
+
+
 def test_agents_exited_cleanly_and_exported_without_errors(e2e: Any) -> None:
     _, _, runs, _, _ = e2e
     for run in runs.values():
