@@ -14,6 +14,7 @@ delta as a JSON line.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import logging
 import selectors
@@ -227,6 +228,7 @@ def run_agent(cfg: Config, source_name: str, output: str) -> int:
     export.extra = selfm.render
     sdk = None
     if cfg.export.otlp.endpoint:  # the agent's own health over OTLP too, through the OpenTelemetry SDK
+        logging.getLogger("opentelemetry").setLevel(logging.ERROR)  # not a warning per retry
         sdk = SdkSelfTelemetry(selfm, res, cfg.export.otlp, cfg.export.interval)
     servers = []
     for listen in dict.fromkeys(a for a in (cfg.api.listen, cfg.export.prometheus.listen) if a):
@@ -242,6 +244,7 @@ def run_agent(cfg: Config, source_name: str, output: str) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack
     try:
         pipe.run()
     except ConntrackUnavailable as e:

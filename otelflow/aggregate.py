@@ -227,8 +227,10 @@ class Aggregator:
             out[name] = live
         return out
 
-    def end_interval(self) -> None:
-        """Called after each export: mark exported totals, age and expire idle series."""
+    def end_interval(self, expire: bool = True) -> None:
+        """Called after each export: mark exported totals, age and expire idle series. ``expire``
+        False (the last exports are not delivered yet) keeps every series: a flow that lived and
+        ended while the collector was away must still reach it in a later cumulative snapshot."""
         for ms in self.metrics.values():
             dead = []
             for key, s in ms.series.items():
@@ -236,7 +238,7 @@ class Aggregator:
                 if s.changed:
                     s.idle = 0
                     s.changed = False
-                else:
+                elif expire:
                     s.idle += 1
                     if s.idle >= self.idle_intervals and not (
                         ms.name == "otelflow.connections.active" and s.total

@@ -63,7 +63,11 @@ class ExportStage:
             snap = self.aggregator.snapshot()
             enc = self.metrics_encoder if self.exporter else None
             items = enc.encode(snap, time.time_ns()) if enc else []
-            self.aggregator.end_interval()
+            # while exports fail, nothing expires: the next delivered snapshot must still hold it all
+            delivering = self.exporter is None or (
+                self.exporter.stats.delivering and not self.exporter.stats.queue_bytes
+            )
+            self.aggregator.end_interval(expire=delivering)
         self.exports += 1
         if items and self.exporter:
             self.exporter.submit(items)

@@ -3,7 +3,7 @@
 Behaviour (OTLP specification, "OTLP/gRPC" and "OTLP/HTTP"):
 * retryable: gRPC CANCELLED, DEADLINE_EXCEEDED, ABORTED, OUT_OF_RANGE, UNAVAILABLE, DATA_LOSS, and
   RESOURCE_EXHAUSTED when the server sent RetryInfo; HTTP 429, 502, 503, 504 and connection errors.
-  Waits honour RetryInfo / Retry-After, else exponential backoff with jitter (1 s doubling to 30 s).
+  Waits honour RetryInfo / Retry-After, else exponential backoff with jitter (1 s doubling to 10 s).
 * partial success: the response's rejected points/records are counted, not retried.
 * a bounded queue in front of one sender thread: a metrics request that carries a cumulative snapshot
   replaces older queued metrics snapshots (the newest totals supersede them, so a collector outage
@@ -36,7 +36,7 @@ GRPC_PATHS = {
 }
 HTTP_PATHS = {"metrics": "/v1/metrics", "logs": "/v1/logs"}
 RETRYABLE_HTTP = {429, 502, 503, 504}
-BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
+BACKOFF_START, BACKOFF_MAX = 1.0, 10.0
 
 
 @dataclass(slots=True)
@@ -58,6 +58,7 @@ class ExporterStats:
     superseded_items: int = 0  # metrics points replaced by a newer cumulative snapshot
     rejected_items: int = 0  # partial success: refused by the collector
     queue_bytes: int = 0
+    delivering: bool = True  # False from a failed attempt until the next success
     last_error: str = ""
     by_reason: dict[str, int] = field(default_factory=dict)
 
@@ -339,8 +340,12 @@ class OtlpExporter:
                     return
                 item = self._q[0]
                 self._busy = True
+            done = True
             try:
                 done = self._send_with_retry(item)
+            except Exception:  # the sender must never die silently: log, count, go on
+                log.exception("OTLP %s export: unexpected error; dropping %d items", item.signal, item.count)
+                self._drop(item, "internal error")
             finally:
                 with self._cv:
                     if done and self._q and self._q[0] is item:
@@ -365,6 +370,7 @@ class OtlpExporter:
                 resp = self.transport.send(item.signal, item.body)
             except SendError as e:
                 self.stats.failed_requests += 1
+                self.stats.delivering = False
                 self.stats.last_error = e.reason
                 if not e.retryable or time.monotonic() - t0 > self.max_retry_time:
                     log.warning(
@@ -386,6 +392,7 @@ class OtlpExporter:
                     if self._hurry and not told:
                         self._hurry = False  # one immediate attempt per flush request
                 continue
+            self.stats.delivering = True
             rejected, msg = partial_success(resp)
             if rejected:
                 self.stats.rejected_items += rejected

@@ -397,3 +397,14 @@ def test_grpc_retry_codes_and_retry_info() -> None:
         assert ex2.stats.dropped_items == 2 and ex2.stats.retries == 0
     finally:
         server.stop(0)
+
+
+def test_nothing_expires_while_exports_are_not_delivered() -> None:
+    agg = Aggregator(idle_intervals=2)
+    agg.add([dec(delta(opened=False))])
+    for _ in range(5):
+        agg.end_interval(expire=False)  # the collector is away: keep everything for the next snapshot
+    assert sum(s.total for s in agg.snapshot()["otelflow.flow.bytes"]) == 1100
+    for _ in range(3):
+        agg.end_interval()
+    assert agg.snapshot()["otelflow.flow.bytes"] == []
