@@ -82,7 +82,7 @@ class SourceSelectionError(RuntimeError):
     """The requested source cannot run on this node; the message says why."""
 
 
-def select_source(cfg: Config, requested: str) -> tuple[Source, str]:
+def select_source(cfg: Config, requested: str, node: str) -> tuple[Source, str]:
     """Pick the flow source: returns it and the reason, logged and reported by `check`."""
     from otelflow.conntrack.source import ConntrackSource
 
@@ -95,7 +95,7 @@ def select_source(cfg: Config, requested: str) -> tuple[Source, str]:
         if requested == "conntrack"
         else "auto: eBPF source not built yet, using conntrack"
     )
-    return ConntrackSource(cfg.source.conntrack, cfg.node_name or _hostname()), reason
+    return ConntrackSource(cfg.source.conntrack, node), reason
 
 
 def make_index(cfg: Config) -> tuple[IpIndex, MetadataCache | None]:
@@ -198,13 +198,13 @@ def run_agent(cfg: Config, source_name: str, output: str) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    node = cfg.node_name or _hostname()
     try:
-        source, reason = select_source(cfg, source_name)
+        source, reason = select_source(cfg, source_name, node)
     except SourceSelectionError as e:
         print(f"otelflow run: {e}", file=sys.stderr)
         return 1
     log.info("flow source: %s (%s)", source.name, reason)
-    node = cfg.node_name or _hostname()
     try:
         index, cache = make_index(cfg)
     except InventoryError as e:

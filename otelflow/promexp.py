@@ -25,7 +25,6 @@ def escape_label_value(v: str) -> str:
 def render(
     snapshot: dict[str, list[Series]],
     pairs: Callable[[Series], tuple[tuple[str, str | int], ...]],
-    extra: str = "",
 ) -> str:
     """Prometheus text exposition of an aggregator snapshot (cumulative values)."""
     defs = {m.name: m for m in METRICS}
@@ -38,7 +37,7 @@ def render(
         for s in series:
             labels = ",".join(f'{_label_name(k)}="{escape_label_value(str(v))}"' for k, v in pairs(s))
             out.append(f"{d.prometheus}{{{labels}}} {s.total}" if labels else f"{d.prometheus} {s.total}")
-    return "\n".join(out) + "\n" + extra
+    return "\n".join(out) + "\n"
 
 
 class AgentHttpServer:

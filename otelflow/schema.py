@@ -315,13 +315,6 @@ def metric_attribute_names(level: Level) -> tuple[str, ...]:
     )
 
 
-def metric(name: str) -> Metric:
-    for m in METRICS:
-        if m.name == name:
-            return m
-    raise KeyError(name)
-
-
 def markdown() -> str:
     """docs/telemetry.md."""
     out = [

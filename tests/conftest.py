@@ -45,6 +45,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+@pytest.fixture(scope="session")
+def kube_binaries() -> tuple[str, str]:
+    """(kube-apiserver, etcd) built by scripts/build-kube; skip without them, unless OFL_REQUIRE_KUBE=1."""
+    from otelflow.testing.kubeapi import BinariesNotFound, find_binaries
+
+    try:
+        apiserver, etcd = find_binaries()
+    except BinariesNotFound as e:
+        if os.environ.get("OFL_REQUIRE_KUBE") == "1":
+            pytest.fail(f"OFL_REQUIRE_KUBE=1, but there is no kube-apiserver/etcd to run: {e}")
+        pytest.skip(f"no kube-apiserver/etcd (run scripts/build-kube): {e}")
+    return str(apiserver), str(etcd)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_leftover_labs() -> Iterator[None]:
     tag = secrets.token_hex(2)

@@ -88,7 +88,6 @@ def agents(
                 **os.environ,
                 "OTELFLOW_NODE_NAME": node,
                 "OTELFLOW_SOURCE__POLL_INTERVAL": str(poll),
-                "OTELFLOW_API__LISTEN": "",
                 "OTELFLOW_LOG_LEVEL": "info",
                 "OTELFLOW_METADATA__KUBERNETES__ENABLED": "false",  # lab agents are named by the inventory
                 **({"OTELFLOW_METADATA__INVENTORY": inventory} if inventory else {}),

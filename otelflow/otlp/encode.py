@@ -12,7 +12,6 @@ import struct
 from collections.abc import Iterable, Sequence
 
 _FIXED64 = struct.Struct("<Q").pack
-_SFIXED64 = struct.Struct("<q").pack
 _DOUBLE = struct.Struct("<d").pack
 
 TEMPORALITY_DELTA = 1
@@ -43,11 +42,7 @@ def varint(n: int) -> bytes:
     return _varint_slow(n)
 
 
-def tag(field: int, wire: int) -> bytes:
-    return varint(field << 3 | wire)
-
-
-_LD_TAGS = tuple(_varint_slow(f << 3 | 2) for f in range(32))
+_LD_TAGS = tuple(_varint_slow(f << 3 | 2) for f in range(32))  # length-delimited field tags
 
 
 def ld(field: int, payload: bytes) -> bytes:
@@ -138,13 +133,6 @@ def point_tail(start_ns: int, time_ns: int, value: int) -> bytes:
     return _POINT_TAIL.pack(0x11, start_ns, 0x19, time_ns, 0x31, value)
 
 
-def number_point(attr_block: bytes, start_ns: int, time_ns: int, value: int) -> bytes:
-    """NumberDataPoint: attributes=7 (pre-encoded), start_time_unix_nano=2, time_unix_nano=3, as_int=6."""
-    return (
-        attr_block + b"\x11" + _FIXED64(start_ns) + b"\x19" + _FIXED64(time_ns) + b"\x31" + _SFIXED64(value)
-    )
-
-
 def metric_head(name: str, description: str, unit: str) -> bytes:
     """Metric name=1, description=2, unit=3."""
     return ld(1, name.encode()) + ld(2, description.encode()) + ld(3, unit.encode())
@@ -160,42 +148,19 @@ def sum_metric(
     return head + ld(7, body)
 
 
-def gauge_metric(head: bytes, points: Sequence[bytes]) -> bytes:
-    """Metric with gauge=5: Gauge{data_points=1}."""
-    return head + ld(5, b"".join(ld(1, p) for p in points))
-
-
 def metrics_request(resource_msg: bytes, scope_msg: bytes, metrics: Sequence[bytes]) -> bytes:
     """ExportMetricsServiceRequest{resource_metrics=1{resource=1, scope_metrics=2{scope=1, metrics=2}}}."""
     sm = ld(1, scope_msg) + b"".join(ld(2, m) for m in metrics)
     return ld(1, ld(1, resource_msg) + ld(2, sm))
 
 
-def log_record(
-    time_ns: int,
-    observed_ns: int,
-    attr_block: bytes,
-    event_name: str = "",
-    body: str = "",
-    severity: int = SEVERITY_INFO,
-) -> bytes:
-    """LogRecord: time_unix_nano=1, severity_number=2, severity_text=3, body=5, attributes=6 (pre-encoded),
-    observed_time_unix_nano=11, event_name=12."""
-    parts = [b"\x09", _FIXED64(time_ns), b"\x10", varint(severity), _INFO]
-    if body:
-        parts.append(ld(5, anyvalue(body)))
-    parts += [attr_block, b"\x59", _FIXED64(observed_ns)]
-    if event_name:
-        parts.append(ld(12, event_name.encode()))
-    return b"".join(parts)
-
-
 _INFO = ld(3, b"INFO")
 _LOG_FIXED = struct.Struct("<BQBB")  # time_unix_nano=1, severity_number=2 (INFO)
 
 
-def log_record_fast(time_ns: int, observed_ns: int, attr_block: bytes, event_field: bytes) -> bytes:
-    """log_record with severity INFO and a pre-encoded event_name field, framed as log_records=2."""
+def log_record(time_ns: int, observed_ns: int, attr_block: bytes, event_field: bytes) -> bytes:
+    """LogRecord framed as log_records=2: time_unix_nano=1, severity_number=2 (INFO), severity_text=3,
+    attributes=6 (pre-encoded), observed_time_unix_nano=11, event_name=12 (pre-encoded field)."""
     rec = b"".join(
         (
             _LOG_FIXED.pack(0x09, time_ns, 0x10, SEVERITY_INFO),

@@ -198,7 +198,7 @@ class LogsEncoder:
                 self.filtered += 1
                 continue
             t = int(d.flow.last_seen * 1e9)
-            recs.append(pb.log_record_fast(t, now, self.attributes_block(d), self._event))
+            recs.append(pb.log_record(t, now, self.attributes_block(d), self._event))
         limit = self.max_request_bytes - len(self.resource) - len(self.scope) - 64
         return [
             Item("logs", pb.logs_request(self.resource, self.scope, group, framed=True), len(group))

@@ -11,7 +11,6 @@ under a ServiceAccount bound to exactly the cache's RBAC rules; no inventory.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from otelflow.netlab.agents import agents, counted, truth
 from otelflow.netlab.lab import Lab
 from otelflow.netlab.topology import demo_topology
 from otelflow.netlab.traffic import FlowSpec, TrafficGenerator
-from otelflow.testing.kubeapi import BinariesNotFound, KubeAPI, find_binaries, write_kubeconfig
+from otelflow.testing.kubeapi import KubeAPI, write_kubeconfig
 from otelflow.testing.kubelab import LabRegistrar, relays
 
 NODES = ["node-a", "node-b"]
@@ -50,14 +49,8 @@ def name_of(peer: dict[str, Any]) -> str:
 
 
 @pytest.fixture(scope="module")
-def api() -> Iterator[KubeAPI]:
-    try:
-        apiserver, etcd = find_binaries()
-    except BinariesNotFound as e:
-        if os.environ.get("OFL_REQUIRE_KUBE") == "1":
-            pytest.fail(f"OFL_REQUIRE_KUBE=1, but there is no kube-apiserver/etcd: {e}")
-        pytest.skip(f"no kube-apiserver/etcd (run scripts/build-kube): {e}")
-    with KubeAPI(apiserver, etcd) as k:
+def api(kube_binaries: tuple[str, str]) -> Iterator[KubeAPI]:
+    with KubeAPI(*kube_binaries) as k:
         yield k
 
 

@@ -13,7 +13,6 @@ a missing API server is an error.
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 import time
@@ -28,7 +27,7 @@ from otelflow.config import load_config
 from otelflow.k8s.cache import RBAC_RULES, MetadataCache
 from otelflow.k8s.client import KubeClient, KubeError, in_cluster_config, kubeconfig_config
 from otelflow.meta.index import IpIndex
-from otelflow.testing.kubeapi import BinariesNotFound, KubeAPI, find_binaries, write_kubeconfig
+from otelflow.testing.kubeapi import KubeAPI, write_kubeconfig
 
 NS = "shop"
 AGENT_NS = "otelflow"
@@ -45,14 +44,8 @@ NODE_B = ("192.168.50.12",)
 
 
 @pytest.fixture(scope="module")
-def api() -> Iterator[KubeAPI]:
-    try:
-        apiserver, etcd = find_binaries()
-    except BinariesNotFound as e:
-        if os.environ.get("OFL_REQUIRE_KUBE") == "1":
-            pytest.fail(f"OFL_REQUIRE_KUBE=1, but there is no kube-apiserver/etcd to run: {e}")
-        pytest.skip(f"no kube-apiserver/etcd (run scripts/build-kube): {e}")
-    with KubeAPI(apiserver, etcd) as k:
+def api(kube_binaries: tuple[str, str]) -> Iterator[KubeAPI]:
+    with KubeAPI(*kube_binaries) as k:
         k.create_namespace(NS)
         k.create_namespace(AGENT_NS)
         yield k
