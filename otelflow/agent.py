@@ -33,6 +33,7 @@ from otelflow.export import ExportStage
 from otelflow.flow import FlowDelta
 from otelflow.k8s.cache import MetadataCache, client_from_config
 from otelflow.k8s.client import KubeConfigError
+from otelflow.live import LiveView
 from otelflow.meta.index import IpIndex
 from otelflow.meta.inventory import InventoryError, build_index, load_inventory_file
 from otelflow.otlp.exporter import OtlpExporter
@@ -50,7 +51,7 @@ class Source(Protocol):
     def start(self) -> None: ...
     def fileno(self) -> int | None: ...
     def on_readable(self) -> None: ...
-    def poll(self) -> list[FlowDelta]: ...
+    def poll(self, final: bool = False) -> list[FlowDelta]: ...  # final: the agent is stopping
     def close(self) -> None: ...
 
 
@@ -82,20 +83,36 @@ class SourceSelectionError(RuntimeError):
     """The requested source cannot run on this node; the message says why."""
 
 
-def select_source(cfg: Config, requested: str, node: str) -> tuple[Source, str]:
-    """Pick the flow source: returns it and the reason, logged and reported by `check`."""
-    from otelflow.conntrack.source import ConntrackSource
+# why a source was chosen, as a label value (the full reason is logged and shown by `check`)
+REASON_CODES = {"kernel BTF": "no_btf", "bpf() permitted": "bpf_denied", "tc attach": "tc_attach_failed"}
 
-    if requested == "ebpf":
-        raise SourceSelectionError(
-            "the eBPF source is not available in this build yet (use --source conntrack)"
-        )
-    reason = (
-        "conntrack requested"
-        if requested == "conntrack"
-        else "auto: eBPF source not built yet, using conntrack"
-    )
-    return ConntrackSource(cfg.source.conntrack, node), reason
+
+def select_source(cfg: Config, requested: str, node: str) -> tuple[Source, str, str]:
+    """Pick the flow source: returns it, the reason (logged and reported by `check`) and a short
+    reason code (the self-metric otelflow_agent_source's label).
+
+    auto: eBPF when the kernel has BTF, bpf() is permitted and a test TC attach works
+    (otelflow.ebpf.features, the same probes `otelflow check` runs), else conntrack."""
+    from otelflow.conntrack.source import ConntrackSource
+    from otelflow.ebpf.features import SourceUnavailable, choose_source, ebpf_readiness
+
+    readiness = ebpf_readiness() if requested != "conntrack" else None
+    try:
+        mode, reason = choose_source(requested, readiness=readiness)
+    except SourceUnavailable as e:
+        raise SourceSelectionError(f"{e} (use --source auto or conntrack)") from None
+    if requested == "conntrack":
+        code = "requested"
+    elif readiness is not None and not readiness[0]:
+        failed = next(p for p in readiness[2] if not p.ok)
+        code = REASON_CODES.get(failed.name, "ebpf_unavailable")
+    else:
+        code = "ebpf_ready"
+    if mode == "ebpf":
+        from otelflow.ebpf.source import EbpfSource
+
+        return EbpfSource(cfg.source, node), reason, code
+    return ConntrackSource(cfg.source.conntrack, node), reason, code
 
 
 def make_index(cfg: Config) -> tuple[IpIndex, MetadataCache | None]:
@@ -174,7 +191,7 @@ class Pipeline:
                         sink.tick()
                     if on_tick:
                         on_tick()
-            self._emit(src.poll())  # final flush: nothing seen before the stop is lost
+            self._emit(src.poll(final=True))  # final flush: nothing seen before the stop is lost
         finally:
             sel.close()
             src.close()
@@ -192,6 +209,7 @@ class Pipeline:
 def run_agent(cfg: Config, source_name: str, output: str) -> int:
     """`otelflow run`: build the pipeline from the configuration and run it until SIGTERM/SIGINT."""
     from otelflow.conntrack.source import ConntrackUnavailable
+    from otelflow.ebpf.loader import EbpfError
 
     logging.basicConfig(
         level=cfg.log_level.upper(),
@@ -200,7 +218,7 @@ def run_agent(cfg: Config, source_name: str, output: str) -> int:
     )
     node = cfg.node_name or _hostname()
     try:
-        source, reason = select_source(cfg, source_name, node)
+        source, reason, code = select_source(cfg, source_name, node)
     except SourceSelectionError as e:
         print(f"otelflow run: {e}", file=sys.stderr)
         return 1
@@ -220,11 +238,17 @@ def run_agent(cfg: Config, source_name: str, output: str) -> int:
         print(f"otelflow run: export: {e}", file=sys.stderr)
         return 2
     sinks: list[Sink] = [export]
+    live = None
+    if cfg.api.listen:  # what `otelflow top` reads on /api/v1/top
+        live = LiveView(node, cfg.api.top_window, cfg.api.top_max_connections)
+        sinks.append(live)
     if output == "json":
         sinks.append(JsonLinesSink(sys.stdout))
     lock = cache.lock if cache else None
     pipe = Pipeline(source, Decorator(index, CountOnce(node)), sinks, cfg.source.poll_interval, lock)
-    selfm = SelfMetrics(source, export, lambda: len(index), cache.staleness_seconds if cache else None)
+    selfm = SelfMetrics(
+        source, export, lambda: len(index), cache.staleness_seconds if cache else None, (source_name, code)
+    )
     export.extra = selfm.render
     sdk = None
     if cfg.export.otlp.endpoint:  # the agent's own health over OTLP too, through the OpenTelemetry SDK
@@ -233,7 +257,8 @@ def run_agent(cfg: Config, source_name: str, output: str) -> int:
     servers = []
     for listen in dict.fromkeys(a for a in (cfg.api.listen, cfg.export.prometheus.listen) if a):
         try:
-            servers.append(AgentHttpServer(listen, export.prometheus, pipe.ready.is_set))
+            top = live.snapshot if live and listen == cfg.api.listen else None
+            servers.append(AgentHttpServer(listen, export.prometheus, pipe.ready.is_set, top))
         except OSError as e:
             print(f"otelflow run: cannot listen on {listen}: {e.strerror or e}", file=sys.stderr)
             return 1
@@ -247,7 +272,7 @@ def run_agent(cfg: Config, source_name: str, output: str) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack
     try:
         pipe.run()
-    except ConntrackUnavailable as e:
+    except (ConntrackUnavailable, EbpfError) as e:
         print(f"otelflow run: {e}", file=sys.stderr)
         return 1
     finally:

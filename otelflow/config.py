@@ -179,10 +179,19 @@ class ConntrackConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EbpfConfig:
+    max_entries: Annotated[int, _at_least(64)] = 65536  # flows per interval the TC flow map holds
+    interfaces: str = ""  # comma-separated globs of interfaces to attach to; empty = every Ethernet one
+    exclude_interfaces: str = ""  # comma-separated globs of interfaces never attached to
+    idle_timeout: Duration = Duration(120.0)  # a flow conntrack does not know ends after this idle time
+
+
+@dataclass(frozen=True, slots=True)
 class SourceConfig:
     mode: Literal["auto", "ebpf", "conntrack"] = "auto"  # flow source; auto prefers eBPF
     poll_interval: Duration = Duration(5.0)  # how often the flow source is read
     conntrack: ConntrackConfig = field(default_factory=ConntrackConfig)  # conntrack source settings
+    ebpf: EbpfConfig = field(default_factory=EbpfConfig)  # eBPF source settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +260,8 @@ class MetadataConfig:
 @dataclass(frozen=True, slots=True)
 class ApiConfig:
     listen: ListenAddress = "127.0.0.1:9465"  # "host:port" for health and JSON endpoints; empty disables
+    top_window: Duration = Duration(10.0)  # /api/v1/top: rates are averaged over this sliding window
+    top_max_connections: Annotated[int, _at_least(1)] = 10000  # /api/v1/top: flows kept (LRU beyond)
 
 
 @dataclass(frozen=True, slots=True)

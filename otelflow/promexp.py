@@ -1,12 +1,16 @@
 """The agent's own HTTP endpoint: Prometheus `/metrics` (the same series as OTLP, named as the
-collector's Prometheus exporter names them), `/healthz` (the process is alive) and `/readyz` (the
-first poll of the flow source succeeded)."""
+collector's Prometheus exporter names them), `/healthz` (the process is alive), `/readyz` (the
+first poll of the flow source succeeded) and, with a live view, `/api/v1/top` (JSON for `otelflow top`,
+see otelflow/live.py)."""
 
 from __future__ import annotations
 
+import json
 import threading
+import urllib.parse
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from otelflow.aggregate import Series
 from otelflow.schema import METRICS
@@ -41,13 +45,15 @@ def render(
 
 
 class AgentHttpServer:
-    """Serves /metrics, /healthz, /readyz on host:port in a background thread."""
+    """Serves /metrics, /healthz, /readyz (and /api/v1/top with a live view) on host:port in a
+    background thread."""
 
     def __init__(
         self,
         listen: str,
         metrics: Callable[[], str],
         ready: Callable[[], bool],
+        top: Callable[[int], dict[str, Any]] | None = None,
     ) -> None:
         host, _, port = listen.rpartition(":")
         host = host.strip("[]") or "0.0.0.0"
@@ -74,11 +80,20 @@ class AgentHttpServer:
                 elif path == "/readyz":
                     ok = outer.ready()
                     self._send(200 if ok else 503, "ready\n" if ok else "not ready\n")
+                elif path == "/api/v1/top" and outer.top is not None:
+                    query = urllib.parse.parse_qs(self.path.partition("?")[2])
+                    raw = query.get("limit", ["500"])[-1]
+                    if not raw.isdigit():
+                        self._send(400, f"limit: want a non-negative integer, got {raw!r}\n")
+                        return
+                    body = json.dumps(outer.top(int(raw)), separators=(",", ":"))
+                    self._send(200, body, "application/json")
                 else:
                     self._send(404, "not found\n")
 
         self.metrics = metrics
         self.ready = ready
+        self.top = top
         family = ThreadingHTTPServer
         if ":" in host:
             import socket

@@ -297,6 +297,38 @@ SELF_METRICS: tuple[SelfMetric, ...] = (
         "time since the Kubernetes API was last heard from (0 without Kubernetes)",
     ),
     SelfMetric("otelflow_agent_index_addresses", "gauge", "addresses in the IP index"),
+    SelfMetric(
+        "otelflow_agent_source",
+        "gauge",
+        "1, labelled with the flow source in use, the one requested (auto, ebpf, conntrack) and why "
+        "(requested, ebpf_ready, no_btf, bpf_denied, tc_attach_failed, ebpf_unavailable)",
+        ("source", "requested", "reason"),
+    ),
+    SelfMetric("otelflow_agent_ebpf_interfaces", "gauge", "interfaces the TC programs are attached to"),
+    SelfMetric(
+        "otelflow_agent_ebpf_attach_errors_total",
+        "counter",
+        "attaches that failed (that interface's traffic is counted only where it is seen elsewhere)",
+    ),
+    SelfMetric("otelflow_agent_ebpf_map_entries", "gauge", "flows the last drain read from the flow map"),
+    SelfMetric("otelflow_agent_ebpf_map_capacity", "gauge", "flows the flow map holds per interval"),
+    SelfMetric(
+        "otelflow_agent_ebpf_dropped_packets_total",
+        "counter",
+        "packets the TC programs could not count, by reason (map_full, other)",
+        ("reason",),
+    ),
+    SelfMetric(
+        "otelflow_agent_ebpf_dropped_bytes_total",
+        "counter",
+        "bytes of those packets, by reason (map_full, other)",
+        ("reason",),
+    ),
+    SelfMetric(
+        "otelflow_agent_ebpf_unmatched_counts_total",
+        "counter",
+        "one-way counts conntrack did not name (paired by mirroring: no NAT view)",
+    ),
 )
 
 

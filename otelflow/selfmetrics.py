@@ -19,8 +19,10 @@ class SelfMetrics:
         export: Any,
         index_size: Callable[[], int],
         staleness: Callable[[], float] | None = None,
+        selection: tuple[str, str] = ("", ""),  # (requested source, reason code)
     ) -> None:
         self.source = source
+        self.selection = selection
         self.export = export
         self.index_size = index_size
         self.staleness = staleness or (lambda: 0.0)
@@ -57,7 +59,26 @@ class SelfMetrics:
             "otelflow_agent_flow_logs_filtered_total": [({}, logs.filtered if logs else 0)],
             "otelflow_agent_metadata_staleness_seconds": [({}, round(self.staleness(), 3))],
             "otelflow_agent_index_addresses": [({}, self.index_size())],
+            "otelflow_agent_source": [
+                ({"source": src.name, "requested": self.selection[0], "reason": self.selection[1]}, 1)
+            ],
         }
+        eb = st if src.name == "ebpf" else None
+        v["otelflow_agent_ebpf_interfaces"] = [({}, getattr(eb, "interfaces", 0))]
+        v["otelflow_agent_ebpf_attach_errors_total"] = [({}, getattr(eb, "attach_errors", 0))]
+        v["otelflow_agent_ebpf_map_entries"] = [({}, getattr(eb, "map_entries", 0))]
+        v["otelflow_agent_ebpf_map_capacity"] = [({}, getattr(eb, "map_capacity", 0))]
+        full_p = getattr(eb, "dropped_map_full_packets", 0)
+        full_b = getattr(eb, "dropped_map_full_bytes", 0)
+        v["otelflow_agent_ebpf_dropped_packets_total"] = [
+            ({"reason": "map_full"}, full_p),
+            ({"reason": "other"}, getattr(eb, "dropped_packets", 0) - full_p),
+        ]
+        v["otelflow_agent_ebpf_dropped_bytes_total"] = [
+            ({"reason": "map_full"}, full_b),
+            ({"reason": "other"}, getattr(eb, "dropped_bytes", 0) - full_b),
+        ]
+        v["otelflow_agent_ebpf_unmatched_counts_total"] = [({}, getattr(eb, "unmatched", 0))]
         return v
 
     def render(self) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from otelflow.config import ConntrackConfig
 from otelflow.conntrack import netlink as nl
-from otelflow.conntrack.tracker import FlowTracker
+from otelflow.conntrack.tracker import FlowTracker, TrackerListener
 from otelflow.flow import FlowDelta
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,18 @@ class ConntrackSource:
 
     name = "conntrack"
 
-    def __init__(self, cfg: ConntrackConfig, observer: str) -> None:
+    def __init__(
+        self,
+        cfg: ConntrackConfig,
+        observer: str,
+        *,
+        need_counters: bool = True,
+        listener: TrackerListener | None = None,
+    ) -> None:
         self.cfg = cfg
-        self.tracker = FlowTracker(observer, source=self.name)
+        # False when another source counts the bytes (eBPF) and conntrack only names flows and NAT
+        self.need_counters = need_counters
+        self.tracker = FlowTracker(observer, source=self.name, listener=listener)
         self.stats = SourceStats()
         self.accounting = False
         self._events: nl.EventSocket | None = None
@@ -93,7 +102,9 @@ class ConntrackSource:
                 "conntrack is not available in this network namespace (no net.netfilter.nf_conntrack_acct): "
                 "the kernel needs nf_conntrack, and a rule set that uses it (kube-proxy's does)"
             )
-        if not acct and self.cfg.enable_acct:
+        if not self.need_counters:
+            pass
+        elif not acct and self.cfg.enable_acct:
             try:
                 with open(ACCT_SYSCTL, "w", encoding="ascii") as f:
                     f.write("1\n")
@@ -135,7 +146,7 @@ class ConntrackSource:
         if self._resync:
             self._sync()
 
-    def poll(self) -> list[FlowDelta]:
+    def poll(self, final: bool = False) -> list[FlowDelta]:
         self.stats.polls += 1
         self.tracker.on_events(self._read_events())
         self._sync()

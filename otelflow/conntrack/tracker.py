@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from socket import inet_ntop
+from typing import Protocol
 
 from otelflow.conntrack.netlink import CtEntry, CtEvent
 from otelflow.flow import FlowDelta, family_number, transport_name
@@ -48,6 +49,14 @@ def _counters(e: CtEntry) -> Counters | None:
     if e.orig_bytes is None or e.reply_bytes is None:
         return None
     return (e.orig_packets or 0, e.orig_bytes, e.reply_packets or 0, e.reply_bytes)
+
+
+class TrackerListener(Protocol):
+    """Told when a flow instance starts and when it is gone (closed and removed, or vanished):
+    the eBPF source keeps its tuple index of conntrack flows this way."""
+
+    def started(self, fid: str, entry: CtEntry, first_seen: float) -> None: ...
+    def ended(self, fid: str, entry: CtEntry) -> None: ...
 
 
 @dataclass(slots=True)
@@ -81,9 +90,14 @@ class FlowTracker:
     """Feed it dumps and events; ``collect()`` returns one FlowDelta per flow that changed."""
 
     def __init__(
-        self, observer: str, source: str = "conntrack", clock: Callable[[], float] = time.time
+        self,
+        observer: str,
+        source: str = "conntrack",
+        clock: Callable[[], float] = time.time,
+        listener: TrackerListener | None = None,
     ) -> None:
         self.observer = observer
+        self.listener = listener
         self.source = source
         self.clock = clock
         self.stats = TrackerStats()
@@ -119,6 +133,7 @@ class FlowTracker:
         gone = [k for k, f in self._flows.items() if f.seen_gen != gen]
         for k in gone:
             f = self._flows.pop(k)
+            self._ended(f)
             self.stats.vanished += 1
             self._close(f, self.clock())
             self._finished.append(self._record(f))
@@ -150,7 +165,13 @@ class FlowTracker:
             f.opened = f.dirty = True
             self.stats.opened += 1
         self._flows[key] = f
+        if self.listener is not None:
+            self.listener.started(f.fid, e, now)
         return f
+
+    def _ended(self, f: _Flow) -> None:
+        if self.listener is not None:
+            self.listener.ended(f.fid, f.entry)
 
     def _add(self, f: _Flow, cur: Counters, now: float) -> None:
         f.has_counters = True
@@ -187,6 +208,7 @@ class FlowTracker:
         elif cur is not None and any(c < p for c, p in zip(cur, f.last, strict=True)):
             self.stats.counter_resets += 1
             self._close(f, now)
+            self._ended(f)
             self._finished.append(self._record(f))
             f = self._start(key, e, now, (0, 0, 0, 0), opened=True)
         f.entry = e
@@ -219,6 +241,7 @@ class FlowTracker:
             f = self._start(key, e, now, (0, 0, 0, 0), opened=True)
             del self._flows[key]
         f.entry = e
+        self._ended(f)
         if cur is not None:
             if any(c < p for c, p in zip(cur, f.last, strict=True)):
                 self.stats.counter_resets += 1
@@ -230,39 +253,67 @@ class FlowTracker:
         self.stats.flows = len(self._flows)
 
     def _record(self, f: _Flow) -> FlowDelta:
-        e = f.entry
-        o, r = e.orig, e.reply
-        af = o.family
         has = f.has_counters
-        rec = FlowDelta(
-            flow_id=f.fid,
-            source=self.source,
-            observer=self.observer,
-            family=family_number(af),
-            transport=transport_name(o.proto),
-            client_ip=inet_ntop(af, o.src),
-            client_port=o.sport,
-            dialed_ip=inet_ntop(af, o.dst),
-            dialed_port=o.dport,
-            server_ip=inet_ntop(af, r.src),
-            server_port=r.sport,
-            client_nat_ip=inet_ntop(af, r.dst),
-            client_nat_port=r.dport,
-            dnat=e.dnat,
-            snat=e.snat,
-            bytes_c2s=f.pend[1] if has else None,
-            packets_c2s=f.pend[0] if has else None,
-            bytes_s2c=f.pend[3] if has else None,
-            packets_s2c=f.pend[2] if has else None,
+        rec = entry_delta(
+            f.entry,
+            f.fid,
+            self.observer,
+            self.source,
+            (f.pend[1], f.pend[0], f.pend[3], f.pend[2]) if has else None,
             opened=f.opened,
             closed=f.closed,
-            state=e.tcp_state_name,
             first_seen=f.first_seen,
             last_seen=f.last_seen,
-            ct_id=e.id,
-            zone=e.zone,
-            mark=e.mark,
         )
         f.pend = [0, 0, 0, 0]
         f.opened = f.closed = f.dirty = False
         return rec
+
+
+def entry_delta(
+    e: CtEntry,
+    fid: str,
+    observer: str,
+    source: str,
+    counters: tuple[int, int, int, int] | None,
+    *,
+    opened: bool,
+    closed: bool,
+    first_seen: float,
+    last_seen: float,
+) -> FlowDelta:
+    """A flow delta named by a conntrack entry: the original tuple is client -> dialed, the reply
+    tuple backend -> client as the backend saw it. ``counters`` = (bytes c2s, packets c2s,
+    bytes s2c, packets s2c), or None when unknown."""
+    o, r = e.orig, e.reply
+    af = o.family
+    b1, p1, b2, p2 = counters if counters is not None else (None, None, None, None)
+    return FlowDelta(
+        flow_id=fid,
+        source=source,
+        observer=observer,
+        family=family_number(af),
+        transport=transport_name(o.proto),
+        client_ip=inet_ntop(af, o.src),
+        client_port=o.sport,
+        dialed_ip=inet_ntop(af, o.dst),
+        dialed_port=o.dport,
+        server_ip=inet_ntop(af, r.src),
+        server_port=r.sport,
+        client_nat_ip=inet_ntop(af, r.dst),
+        client_nat_port=r.dport,
+        dnat=e.dnat,
+        snat=e.snat,
+        bytes_c2s=b1,
+        packets_c2s=p1,
+        bytes_s2c=b2,
+        packets_s2c=p2,
+        opened=opened,
+        closed=closed,
+        state=e.tcp_state_name,
+        first_seen=first_seen,
+        last_seen=last_seen,
+        ct_id=e.id,
+        zone=e.zone,
+        mark=e.mark,
+    )

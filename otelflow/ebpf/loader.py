@@ -564,6 +564,18 @@ class FlowCounter:
                 raise EbpfError(f"detach: ifindex {ifindex} is not attached")
             _detach(st, ifindex)
 
+    def forget(self, ifindex: int) -> bool:
+        """An interface is gone (its filters and qdisc went with it): drop it from our state and
+        from the ifaces map, with no tc call (the index may already name a new device). Returns
+        whether it was known."""
+        st = self._need_open()
+        L = lb.lib()
+        with st.lock:
+            if st.attachments.pop(ifindex, None) is None:
+                return False
+            L.bpf_map_delete_elem(st.ifaces_fd, C.byref(C.c_uint32(ifindex)))
+            return True
+
     # ---- reading -----------------------------------------------------------------------------------
     def _percpu(self, fd: int, n: int) -> list[int]:
         L = lb.lib()

@@ -79,6 +79,7 @@ def agents(
     warmup: float = 0.2,
     inventory: str | None = None,
     node_env: dict[str, dict[str, str]] | None = None,
+    source: str = "conntrack",
 ) -> Iterator[dict[str, AgentRun]]:
     """Start one agent per node; on exit stop them (SIGTERM: final flush) and parse their JSON lines."""
     runs: dict[str, AgentRun] = {}
@@ -96,7 +97,7 @@ def agents(
             }
             cmd = ["ip", "netns", "exec", lab.node_netns(node), sys.executable, "-m", "otelflow", "run"]
             p = subprocess.Popen(
-                [*cmd, "--source", "conntrack", "--output", "json"],
+                [*cmd, "--source", source, "--output", "json"],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

@@ -44,6 +44,11 @@ source:
   conntrack:
     enable_acct: true
     event_buffer_bytes: 65536
+  ebpf:
+    max_entries: 4096
+    interfaces: 'vp*,eth0'
+    exclude_interfaces: vpx*
+    idle_timeout: 30s
 export:
   interval: 1.5m
   temporality: delta
@@ -78,6 +83,8 @@ metadata:
     page_size: 100
 api:
   listen: ""
+  top_window: 30s
+  top_max_connections: 500
 """
 
 FULL_DICT = {
@@ -88,6 +95,7 @@ FULL_DICT = {
         "mode": "conntrack",
         "poll_interval": 0.5,
         "conntrack": {"enable_acct": True, "event_buffer_bytes": 65536},
+        "ebpf": {"max_entries": 4096, "interfaces": "vp*,eth0", "exclude_interfaces": "vpx*", "idle_timeout": 30.0},
     },
     "export": {
         "interval": 90.0,
@@ -120,7 +128,7 @@ FULL_DICT = {
         "history": 600.0,
         "kubernetes": {"enabled": "true", "kubeconfig": "/etc/kubeconfig", "page_size": 100},
     },
-    "api": {"listen": ""},
+    "api": {"listen": "", "top_window": 30.0, "top_max_connections": 500},
 }
 
 
@@ -230,7 +238,7 @@ def test_unknown_key_with_suggestion(tmp_path: Path) -> None:
 
 def test_unknown_key_without_suggestion_lists_known(tmp_path: Path) -> None:
     msg = error(write(tmp_path, "api:\n  zzz: 1\n"))
-    assert "api.zzz: unknown key (known keys: listen)" in msg
+    assert "api.zzz: unknown key (known keys: listen, top_window, top_max_connections)" in msg
 
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:

@@ -1,0 +1,321 @@
+"""The eBPF flow source: TC counters on the node's interfaces, joined into flows through conntrack.
+
+    start   load flow.bpf.o; watch links (rtnetlink); attach to every candidate interface; cover
+            the bridges whose ports are all attached; start conntrack (names and NAT only)
+    poll    drain the flow map (swap, batch read), read conntrack, join the one-way counts into
+            flows (otelflow.ebpf.join), return FlowDeltas like the conntrack source's
+    close   detach everything we attached (also run on SIGTERM/SIGINT through the agent's stop)
+
+Where it attaches (one node = one network namespace): clsact ingress and egress of every Ethernet
+interface that is not a bridge (the host side of each pod veth, and the uplinks), filtered by
+``source.ebpf.interfaces``/``exclude_interfaces``; bridges are "covered" when every port is attached.
+The programs count a packet at the first attached ingress it crosses, or at egress when it was
+generated on the node (host-network pods, node processes) or entered through an unwatched
+interface, so every packet the node handles is counted exactly once per node, with the addresses it
+had before this node's NAT. Which node *reports* each direction (the sender's node, or the
+receiver's when the sender is outside the cluster) is decided later, by count-once, exactly as for
+the conntrack source. Interfaces that appear later (new pods) are attached as rtnetlink announces
+them; gone ones are forgotten.
+
+conntrack here only names flows: the tracker runs without needing nf_conntrack_acct (bytes come
+from eBPF). Without conntrack the source still counts every byte, but cannot see through NAT: a
+Service conversation then shows as client -> ClusterIP and backend -> client (logged once, counted
+in ``stats.unmatched``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import select
+import socket
+import time
+from dataclasses import dataclass
+
+from otelflow.config import SourceConfig
+from otelflow.conntrack.source import ConntrackSource, ConntrackUnavailable
+from otelflow.conntrack.tracker import FlowTracker, entry_delta
+from otelflow.ebpf.join import C2S, ConntrackIndex, Count, LoneFlows, id_source
+from otelflow.ebpf.links import Link, LinkWatcher
+from otelflow.ebpf.loader import EbpfError, FlowCount, FlowCounter, mono_to_unix_ns
+from otelflow.flow import FlowDelta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EbpfStats:
+    polls: int = 0
+    interfaces: int = 0  # interfaces with our programs attached now
+    covered: int = 0  # bridges covered now
+    attach_errors: int = 0  # attach attempts that failed (the interface is then not counted)
+    link_events: int = 0
+    map_capacity: int = 0  # entries one flow map holds (per interval)
+    map_entries: int = 0  # entries the last drain read
+    dropped_packets: int = 0  # packets not counted: flow map full or insert failed
+    dropped_bytes: int = 0
+    dropped_map_full_packets: int = 0
+    dropped_map_full_bytes: int = 0
+    counts: int = 0  # one-way counts drained
+    matched: int = 0  # ... named by conntrack (NAT seen through)
+    unmatched: int = 0  # ... conntrack did not know (paired by mirroring; no NAT view)
+    lone_flows: int = 0  # flows tracked without conntrack now
+    conntrack: bool = False  # conntrack names the flows
+
+
+def _globs(v: str) -> list[str]:
+    return [g.strip() for g in v.split(",") if g.strip()]
+
+
+def _unix(mono_ns: int) -> float:
+    return mono_to_unix_ns(mono_ns) / 1e9
+
+
+def to_count(c: FlowCount) -> Count:
+    if c.family == 4:
+        src, dst = c.saddr[12:], c.daddr[12:]
+    else:
+        src, dst = c.saddr, c.daddr
+    return Count(
+        (c.proto, src, dst, c.sport, c.dport),
+        c.family,
+        c.packets,
+        c.bytes,
+        _unix(c.first_seen_ns),
+        _unix(c.last_seen_ns),
+        c.tcp_flags,
+    )
+
+
+class EbpfSource:
+    """A flow source over TC counters on this namespace's interfaces (see the module docstring)."""
+
+    name = "ebpf"
+
+    def __init__(self, cfg: SourceConfig, observer: str) -> None:
+        self.cfg = cfg
+        self.observer = observer
+        self.stats = EbpfStats(map_capacity=cfg.ebpf.max_entries)
+        self.index = ConntrackIndex()
+        self.lone = LoneFlows(observer, cfg.ebpf.idle_timeout, id_source("e"), socket.inet_ntop)
+        self.counter: FlowCounter | None = None
+        self.links: LinkWatcher | None = None
+        self.conntrack: ConntrackSource | None = None
+        self._epoll: select.epoll | None = None
+        self._links: dict[int, Link] = {}
+        self._include = _globs(cfg.ebpf.interfaces)
+        self._exclude = _globs(cfg.ebpf.exclude_interfaces)
+        self._deferred: list[Count] = []
+        self._last_drops = 0
+
+    @property
+    def tracker(self) -> FlowTracker | None:
+        """The conntrack tracker (its stats feed the self-metrics), when conntrack runs."""
+        return self.conntrack.tracker if self.conntrack else None
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self.counter = FlowCounter(max_entries=self.cfg.ebpf.max_entries)
+            self.links = LinkWatcher()
+            for link in self.links.start():
+                self._links[link.index] = link
+            for link in list(self._links.values()):
+                self._consider(link)
+            self._refresh_covers()
+        except BaseException:
+            self.close()
+            raise
+        log.info(
+            "eBPF: counting on %d interface(s) (%s), %d bridge(s) covered",
+            self.stats.interfaces,
+            ", ".join(sorted(a.ifname for a in self.counter.attachments.values() if not a.covered)),
+            self.stats.covered,
+        )
+        ct = ConntrackSource(self.cfg.conntrack, self.observer, need_counters=False, listener=self.index)
+        try:
+            ct.start()
+            self.conntrack = ct
+            self.stats.conntrack = True
+        except ConntrackUnavailable as e:
+            log.warning(
+                "eBPF source without conntrack (%s): every byte is counted, but Service NAT is not seen "
+                "through (client -> ClusterIP and backend -> client show as separate flows)",
+                e,
+            )
+        self._epoll = select.epoll()
+        self._epoll.register(self.links.fileno(), select.EPOLLIN)
+        if self.conntrack is not None and (fd := self.conntrack.fileno()) is not None:
+            self._epoll.register(fd, select.EPOLLIN)
+
+    def fileno(self) -> int | None:
+        return self._epoll.fileno() if self._epoll else None
+
+    def close(self) -> None:
+        if self.links is not None:
+            self.links.close()
+            self.links = None
+        if self.counter is not None:
+            self.counter.close()  # detaches every filter we attached
+            self.counter = None
+        if self.conntrack is not None:
+            self.conntrack.close()
+            self.conntrack = None
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+
+    # ---- links ---------------------------------------------------------------------------------
+    def wanted(self, link: Link) -> bool:
+        """Attach to this interface? Ethernet, not a bridge, not loopback, and the globs agree."""
+        if not link.ethernet or link.bridge or not link.name:
+            return False
+        if any(fnmatch.fnmatchcase(link.name, g) for g in self._exclude):
+            return False
+        return not self._include or any(fnmatch.fnmatchcase(link.name, g) for g in self._include)
+
+    def _consider(self, link: Link) -> None:
+        fc = self.counter
+        assert fc is not None
+        if link.index in fc.attachments or not self.wanted(link):
+            return
+        try:
+            fc.attach(link.index)
+            self.stats.interfaces += 1
+            log.debug("eBPF: attached to %s (ifindex %d)", link.name, link.index)
+        except (EbpfError, OSError) as e:
+            self.stats.attach_errors += 1
+            log.warning("eBPF: cannot attach to %s: %s (its traffic is counted only elsewhere)", link.name, e)
+
+    def _refresh_covers(self) -> None:
+        """Cover each bridge whose ports are all attached; uncover one that gained another port."""
+        fc = self.counter
+        assert fc is not None
+        atts = fc.attachments
+        for br in [lk for lk in self._links.values() if lk.bridge]:
+            ports = [lk for lk in self._links.values() if lk.master == br.index]
+            ok = bool(ports) and all(p.index in atts and not atts[p.index].covered for p in ports)
+            has = br.index in atts and atts[br.index].covered
+            try:
+                if ok and not has:
+                    fc.cover(br.index)
+                elif has and not ok:
+                    fc.detach(br.index)
+            except (EbpfError, OSError) as e:
+                log.warning("eBPF: bridge %s: %s", br.name, e)
+        self.stats.covered = sum(1 for a in fc.attachments.values() if a.covered)
+
+    def _on_links(self) -> None:
+        assert self.links is not None and self.counter is not None
+        for kind, link in self.links.events():
+            self.stats.link_events += 1
+            old = self._links.get(link.index)
+            if kind == "del":
+                self._links.pop(link.index, None)
+                att = self.counter.attachments.get(link.index)
+                if self.counter.forget(link.index) and att is not None and not att.covered:
+                    self.stats.interfaces -= 1
+                    log.debug("eBPF: %s is gone", link.name)
+                continue
+            if old is not None and old.name != link.name and link.index in self.counter.attachments:
+                self.counter.attachments[link.index].ifname = link.name  # renamed: same device
+            self._links[link.index] = link
+            self._consider(link)
+        self._refresh_covers()
+
+    def on_readable(self) -> None:
+        if self._epoll is None:
+            return
+        fds = {fd for fd, _ in self._epoll.poll(0)}
+        if self.links is not None and self.links.fileno() in fds:
+            self._on_links()
+        if self.conntrack is not None and self.conntrack.fileno() in fds:
+            self.conntrack.on_readable()
+
+    # ---- flows ---------------------------------------------------------------------------------
+    def poll(self, final: bool = False) -> list[FlowDelta]:
+        """Flow deltas since the last poll. ``final``: the agent is stopping, nothing waits for a
+        later poll (counts conntrack did not name are paired at once)."""
+        fc = self.counter
+        assert fc is not None
+        self.stats.polls += 1
+        if self.links is not None:
+            self._on_links()
+        d = fc.drain()  # first: conntrack then knows every flow whose packets were drained
+        self.stats.map_entries = len(d.flows)
+        dropped = d.drops["map_full_packets"] + d.drops["other_packets"]
+        self.stats.dropped_packets += dropped
+        self.stats.dropped_bytes += d.drops["map_full_bytes"] + d.drops["other_bytes"]
+        self.stats.dropped_map_full_packets += d.drops["map_full_packets"]
+        self.stats.dropped_map_full_bytes += d.drops["map_full_bytes"]
+        if dropped:
+            log.warning(
+                "eBPF flow map full: %d packets (%d bytes) not counted this interval; raise "
+                "source.ebpf.max_entries (now %d) or shorten source.poll_interval",
+                dropped,
+                d.drops["map_full_bytes"] + d.drops["other_bytes"],
+                self.cfg.ebpf.max_entries,
+            )
+        ct_deltas = self.conntrack.poll() if self.conntrack is not None else []
+        retry, self._deferred = self._deferred, []
+        self.stats.counts += len(d.flows)
+        out = self._join([to_count(c) for c in d.flows], retry, ct_deltas, final)
+        self.index.end_poll()
+        return out
+
+    def _join(
+        self, counts: list[Count], retry: list[Count], ct_deltas: list[FlowDelta], final: bool
+    ) -> list[FlowDelta]:
+        index = self.index
+        acc: dict[str, list[float]] = {}  # fid -> bytes c2s, pkts c2s, bytes s2c, pkts s2c, last seen
+        lone: list[Count] = []
+        defer = self.conntrack is not None and not final
+        for c, retried in [(c, True) for c in retry] + [(c, False) for c in counts]:
+            hit = index.lookup(c.key)
+            if hit is None:
+                if defer and not retried:
+                    # the drain may precede conntrack's confirmation of a new entry: one more poll
+                    self._deferred.append(c)
+                else:
+                    lone.append(c)
+                continue
+            fid, direction = hit
+            a = acc.get(fid)
+            if a is None:
+                a = acc[fid] = [0, 0, 0, 0, 0.0]
+            i = 0 if direction == C2S else 2
+            a[i] += c.bytes
+            a[i + 1] += c.packets
+            a[4] = max(a[4], c.last_seen)
+            self.stats.matched += 1
+        out: list[FlowDelta] = []
+        for dl in ct_deltas:  # conntrack's own lifecycle (opened/closed/state) with eBPF's counters
+            a = acc.pop(dl.flow_id, None)
+            if a is None and not (dl.opened or dl.closed):
+                continue
+            a = a or [0, 0, 0, 0, dl.last_seen]
+            dl.source = "ebpf"
+            dl.bytes_c2s, dl.packets_c2s, dl.bytes_s2c, dl.packets_s2c = (int(x) for x in a[:4])
+            dl.last_seen = a[4] or dl.last_seen
+            out.append(dl)
+        for fid, a in acc.items():  # flows conntrack had nothing new about
+            f = index.flows[fid]
+            b1, p1, b2, p2 = (int(x) for x in a[:4])
+            out.append(
+                entry_delta(
+                    f.entry,
+                    fid,
+                    self.observer,
+                    self.name,
+                    (b1, p1, b2, p2),
+                    opened=False,
+                    closed=False,
+                    first_seen=f.first_seen,
+                    last_seen=a[4],
+                )
+            )
+        self.stats.unmatched += len(lone)
+        self.lone.add(lone)
+        out += self.lone.collect(time.time(), final=final)
+        self.stats.lone_flows = len(self.lone)
+        return out
