@@ -1,5 +1,6 @@
 """Two agents on two netlab nodes, named by a real kube-apiserver (v1.35, built from Go modules)
-under a ServiceAccount bound to exactly the cache's RBAC rules; no inventory.
+under the shipped ServiceAccount, ClusterRole and ClusterRoleBinding (manifests/base: exactly the
+cache's RBAC rules); no inventory.
 
 * every scenario's both ends carry the right pod, workload, zone and Service names, and the
   cluster-wide sum of counted bytes equals the kernel's truth (0.0% error);
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from otelflow.deploy_render import MANIFESTS
 from otelflow.k8s.cache import RBAC_RULES
 from otelflow.k8s.client import KubeClient, kubeconfig_config
 from otelflow.netlab.agents import agents, counted, truth
@@ -28,6 +31,7 @@ from otelflow.testing.kubeapi import KubeAPI, write_kubeconfig
 from otelflow.testing.kubelab import LabRegistrar, relays
 
 NODES = ["node-a", "node-b"]
+SHIPPED_RBAC = ("base/serviceaccount.yaml", "base/clusterrole.yaml", "base/clusterrolebinding.yaml")
 LATE = ("payments-0",)  # registered in the API server only after its outage
 FE0, FE1, DB = "shop/frontend-0", "shop/frontend-1", "data/db-0"
 # name -> (flow, the client's expected name, the server's (None: whichever backend answered), Service)
@@ -60,28 +64,14 @@ def setup(api: KubeAPI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
     admin = KubeClient(kubeconfig_config(str(api.kubeconfig_path)))
     rbac = "/apis/rbac.authorization.k8s.io/v1"
     api.create_namespace("otelflow")
-    admin.request(
-        "POST", "/api/v1/namespaces/otelflow/serviceaccounts", {"metadata": {"name": "otelflow-agent"}}
-    )
-    admin.request(
-        "POST",
-        f"{rbac}/clusterroles",
-        {"metadata": {"name": "otelflow-agent"}, "rules": [dict(r) for r in RBAC_RULES]},
-    )
-    admin.request(
-        "POST",
-        f"{rbac}/clusterrolebindings",
-        {
-            "metadata": {"name": "otelflow-agent"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": "otelflow-agent",
-            },
-            "subjects": [{"kind": "ServiceAccount", "namespace": "otelflow", "name": "otelflow-agent"}],
-        },
-    )
-    token = api.create_service_account_token("otelflow", "otelflow-agent")
+    # the agents run under exactly the shipped RBAC: the manifests' own ServiceAccount, ClusterRole
+    # (generated from RBAC_RULES) and ClusterRoleBinding
+    sa, role, binding = (yaml.safe_load((MANIFESTS / f).read_text()) for f in SHIPPED_RBAC)
+    assert role["rules"] == [dict(r) for r in RBAC_RULES]
+    admin.request("POST", f"/api/v1/namespaces/{sa['metadata']['namespace']}/serviceaccounts", sa)
+    admin.request("POST", f"{rbac}/clusterroles", role)
+    admin.request("POST", f"{rbac}/clusterrolebindings", binding)
+    token = api.create_service_account_token(sa["metadata"]["namespace"], sa["metadata"]["name"])
     with Lab(demo_topology()) as lab:
         reg = LabRegistrar(lab, admin)
         reg.register(skip_pods=LATE)  # registered only after the API server's outage
