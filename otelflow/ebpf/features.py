@@ -140,7 +140,7 @@ def probe_btf(path: str = BTF_PATH) -> Probe:
         find = _fn("btf__find_by_name_kind", C.c_int32, C.c_void_p, C.c_char_p, C.c_uint32)
         free = _fn("btf__free", None, C.c_void_p)
     except (OSError, AttributeError) as e:
-        return Probe("kernel BTF", False, f"libbpf cannot parse BTF: {e}", "install libbpf1 (libbpf >= 1.0)")
+        return Probe("kernel BTF", False, f"libbpf cannot parse BTF: {e}", LIBBPF_REMEDY)
     btf = parse(path.encode(), None)
     if not btf:
         err = C.get_errno() or errno.EINVAL
@@ -158,8 +158,10 @@ def probe_btf(path: str = BTF_PATH) -> Probe:
 
 BPF_REMEDY = (
     "grant CAP_BPF and CAP_NET_ADMIN (CAP_SYS_ADMIN on kernels < 5.8) in the DaemonSet's "
-    "securityContext; a seccomp or LSM policy may also forbid bpf()"
+    "securityContext; a seccomp or LSM policy may also forbid bpf(); a verifier or relocation "
+    "error needs Linux >= 5.12 with kernel BTF (see the kernel BTF line)"
 )
+LIBBPF_REMEDY = "install libbpf1 (libbpf >= 1.0): the eBPF source loads libbpf.so.1 at run time"
 
 
 def probe_bpf(path: str | None = None) -> Probe:
@@ -175,9 +177,9 @@ def probe_bpf(path: str | None = None) -> Probe:
         step = re.match(r"\w+", e.strerror or "")
         why = os.strerror(e.errno) if e.errno else str(e)
         detail = f"loading {Path(obj).name} failed: {why}" + (f" ({step.group(0)})" if step else "")
-        if e.errno == errno.ENOENT and "libbpf.so" in str(e):
-            detail = str(e.strerror)
-        return Probe("bpf() permitted", False, detail, _bpf_remedy(e.errno))
+        if "libbpf.so" in str(e):  # the library itself is missing
+            return Probe("bpf() permitted", False, str(e.strerror), LIBBPF_REMEDY)
+        return Probe("bpf() permitted", False, detail, BPF_REMEDY)
     except OSError as e:
         return Probe("bpf() permitted", False, f"loading {Path(obj).name}: {e.strerror or e}", BPF_REMEDY)
     fc.close()
@@ -185,12 +187,6 @@ def probe_bpf(path: str | None = None) -> Probe:
     return Probe(
         "bpf() permitted", True, f"{Path(obj).name} verified and loaded in {ms:.0f} ms, then unloaded"
     )
-
-
-def _bpf_remedy(err: int | None) -> str:
-    if err == errno.ENOENT:
-        return "install libbpf1 (libbpf >= 1.0); the eBPF source loads it at run time"
-    return BPF_REMEDY
 
 
 # ---- capabilities ------------------------------------------------------------------------------
@@ -404,9 +400,38 @@ def _probe_filter(ifindex: int, prog_fd: int) -> Iterator[int]:
             raise lb.BPFError(errno.EIO, "tc probe cleanup on lo: " + "; ".join(errors))
 
 
+PROBE_LOCK = b"\0otelflow-tc-probe"  # an abstract unix socket name: one per network namespace
+
+
+@contextlib.contextmanager
+def _netns_lock(timeout: float = 5.0) -> Iterator[None]:
+    """Serialise tc probes of one network namespace (the agent's at start and an `otelflow check`
+    run at the same moment must not share lo's priority/handle or remove each other's clsact).
+    The lock is an abstract unix socket bound in the calling thread's namespace: abstract names
+    are per network namespace, and the kernel releases it when the process dies, even by SIGKILL,
+    so a filter found at our priority/handle while holding it is a stale one."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                sock.bind(PROBE_LOCK)
+                break
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise lb.BPFError(
+                        e.errno or errno.EBUSY, f"another tc probe held the lock for {timeout:g}s: {e}"
+                    ) from None
+                time.sleep(0.005)
+        yield
+    finally:
+        sock.close()
+
+
 def _remove_stale_probe(ifindex: int, hook: lb.bpf_tc_hook) -> None:
     """A probe killed with SIGKILL between attach and detach leaves its no-op filter behind (it
-    changes nothing: it returns TC_ACT_UNSPEC): remove it when it is there."""
+    changes nothing: it returns TC_ACT_UNSPEC): remove it when it is there. Called with the
+    namespace's probe lock held, so no live probe owns it."""
     for f in tcnl.list_filters(ifindex, "ingress"):
         if (
             f.priority == PROBE_PRIORITY
@@ -442,7 +467,9 @@ def probe_tc_attach(netns: str | None = None) -> Probe:
     this probe created it and no filter is left on it. A foreign filter at that priority is never
     replaced (the probe then fails, naming it). Detaching runs in ``finally`` (exceptions
     included); a probe killed with SIGKILL in that window leaves a harmless no-op filter named
-    ``otelflow_probe``, which the next probe removes.
+    ``otelflow_probe``, which the next probe removes (the clsact it had created then stays, empty:
+    nobody can tell any more whose it was). Probes in one namespace take turns (a lock
+    per network namespace, see _netns_lock), so concurrent probes never meet on lo.
 
     Alternatives rejected: a throwaway namespace with a dummy interface needs CAP_SYS_ADMIN
     (unshare/setns), which a least-privilege agent lacks, and would test another namespace than
@@ -463,7 +490,7 @@ def probe_tc_attach(netns: str | None = None) -> Probe:
         ns = tcnl.NetnsFd(netns)
         with tcnl.in_netns(ns):
             ifindex = socket.if_nametoindex(PROBE_IFNAME)
-            with _probe_filter(ifindex, fd) as prog_id:
+            with _netns_lock(), _probe_filter(ifindex, fd) as prog_id:
                 _verify_attached(ifindex, prog_id)
     except lb.BPFError as e:
         return Probe("tc attach", False, f"lo: {e.strerror}", remedy)

@@ -47,13 +47,14 @@ def test_a_copy_elsewhere_builds_the_same_bytes(tmp_path: Path) -> None:
     # no absolute path of the build machine ends up in the object
     src = tmp_path / "deep" / "checkout" / "bpf"
     src.mkdir(parents=True)
-    for name in ("Makefile", "flow.bpf.c", "vmlinux.h"):
+    for name in ("Makefile", "flow.bpf.c", "health.bpf.c", "vmlinux.h"):
         shutil.copy(BPF / name, src / name)
     r = subprocess.run(["make", "-s", "-C", str(src)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    built = tmp_path / "deep" / "checkout" / "otelflow" / "ebpf" / "flow.bpf.o"
-    assert built.read_bytes() == OBJECT.read_bytes()
-    assert str(tmp_path).encode() not in built.read_bytes()
+    for obj in (OBJECT, OBJECT.with_name("health.bpf.o")):
+        built = tmp_path / "deep" / "checkout" / "otelflow" / "ebpf" / obj.name
+        assert built.read_bytes() == obj.read_bytes()
+        assert str(tmp_path).encode() not in built.read_bytes()
 
 
 def test_check_fails_clearly_when_the_source_changed(tmp_path: Path) -> None:
