@@ -184,6 +184,7 @@ class EbpfConfig:
     interfaces: str = ""  # comma-separated globs of interfaces to attach to; empty = every Ethernet one
     exclude_interfaces: str = ""  # comma-separated globs of interfaces never attached to
     idle_timeout: Duration = Duration(120.0)  # a flow conntrack does not know ends after this idle time
+    tcp_health: bool = True  # retransmits, resets and RTT from TCP tracepoints, where the kernel allows
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,14 @@ class FlowDelta:
     ct_id: int = 0
     zone: int = 0
     mark: int = 0
+    # TCP health from the eBPF source's tracing programs, per direction (c2s: the client's socket
+    # sending); None when the source has no such hook
+    retransmits_c2s: int | None = None  # segments retransmitted
+    retransmits_s2c: int | None = None
+    resets_c2s: int | None = None  # RSTs sent
+    resets_s2c: int | None = None
+    rtt_us_c2s: int | None = None  # the sender's latest smoothed RTT this interval (µs); None: no sample
+    rtt_us_s2c: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -191,9 +191,7 @@ class LoneFlows:
             hit = self._dir.get(group[0].key)
             if hit is not None:
                 f = self._flows[hit[0]]
-                new_syn = any(
-                    c.key[0] == TCP and c.tcp_flags & SYN and not c.tcp_flags & ACK for c in group
-                )
+                new_syn = any(c.key[0] == TCP and c.tcp_flags & SYN and not c.tcp_flags & ACK for c in group)
                 if f.close_reported and new_syn:  # the tuple reused by a new connection
                     self._drop(hit[0])
                     f = None
@@ -222,6 +220,11 @@ class LoneFlows:
         self._dir[k] = (k, C2S)
         self._dir[mirror(k)] = (k, S2C)
         return f
+
+    def lookup(self, k: DirKey) -> tuple[str, int] | None:
+        """(flow id, direction) of a one-way key of a tracked lone flow."""
+        hit = self._dir.get(k)
+        return (self._flows[hit[0]].fid, hit[1]) if hit else None
 
     def _drop(self, canon: DirKey) -> None:
         self._flows.pop(canon, None)

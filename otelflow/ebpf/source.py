@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from otelflow.config import SourceConfig
 from otelflow.conntrack.source import ConntrackSource, ConntrackUnavailable
 from otelflow.conntrack.tracker import FlowTracker, entry_delta
-from otelflow.ebpf.join import C2S, ConntrackIndex, Count, LoneFlows, id_source
+from otelflow.ebpf.health import SocketHealth, TcpHealth
+from otelflow.ebpf.join import C2S, ConntrackIndex, Count, DirKey, LoneFlows, id_source
 from otelflow.ebpf.links import Link, LinkWatcher
 from otelflow.ebpf.loader import EbpfError, FlowCount, FlowCounter, mono_to_unix_ns
 from otelflow.flow import FlowDelta
@@ -61,6 +62,10 @@ class EbpfStats:
     unmatched: int = 0  # ... conntrack did not know (paired by mirroring; no NAT view)
     lone_flows: int = 0  # flows tracked without conntrack now
     conntrack: bool = False  # conntrack names the flows
+    health_hooks: str = ""  # TCP health features in use: "retransmits=tp_btf/...; ..."
+    health_sockets: int = 0  # socket health records drained
+    health_matched: int = 0  # ... joined to a flow this node saw
+    health_dropped: int = 0  # health events lost (socket map full)
 
 
 def _globs(v: str) -> list[str]:
@@ -99,6 +104,7 @@ class EbpfSource:
         self.index = ConntrackIndex()
         self.lone = LoneFlows(observer, cfg.ebpf.idle_timeout, id_source("e"), socket.inet_ntop)
         self.counter: FlowCounter | None = None
+        self.health: TcpHealth | None = None
         self.links: LinkWatcher | None = None
         self.conntrack: ConntrackSource | None = None
         self._epoll: select.epoll | None = None
@@ -132,6 +138,8 @@ class EbpfSource:
             ", ".join(sorted(a.ifname for a in self.counter.attachments.values() if not a.covered)),
             self.stats.covered,
         )
+        if self.cfg.ebpf.tcp_health:
+            self._start_health()
         ct = ConntrackSource(self.cfg.conntrack, self.observer, need_counters=False, listener=self.index)
         try:
             ct.start()
@@ -148,6 +156,18 @@ class EbpfSource:
         if self.conntrack is not None and (fd := self.conntrack.fileno()) is not None:
             self._epoll.register(fd, select.EPOLLIN)
 
+    def _start_health(self) -> None:
+        try:
+            self.health = TcpHealth()
+        except (EbpfError, OSError) as e:
+            log.warning("TCP health unavailable (%s): flows are counted without it", e)
+            return
+        self.stats.health_hooks = "; ".join(f"{k}={v}" for k, v in self.health.hooks.items())
+        for p in self.health.probes:
+            if not p.ok:
+                log.warning("TCP health: %s: %s", p.name, p.detail)
+        log.info("TCP health: %s", self.stats.health_hooks or "no hook available")
+
     def fileno(self) -> int | None:
         return self._epoll.fileno() if self._epoll else None
 
@@ -158,6 +178,9 @@ class EbpfSource:
         if self.counter is not None:
             self.counter.close()  # detaches every filter we attached
             self.counter = None
+        if self.health is not None:
+            self.health.close()  # detaches the tracing programs
+            self.health = None
         if self.conntrack is not None:
             self.conntrack.close()
             self.conntrack = None
@@ -256,10 +279,18 @@ class EbpfSource:
                 d.drops["map_full_bytes"] + d.drops["other_bytes"],
                 self.cfg.ebpf.max_entries,
             )
+        sockets: list[SocketHealth] = []
+        if self.health is not None:
+            hd = self.health.drain()
+            sockets = hd.sockets
+            self.stats.health_sockets += len(sockets)
+            self.stats.health_dropped += sum(v for k, v in hd.drops.items() if "bytes" not in k)
         ct_deltas = self.conntrack.poll() if self.conntrack is not None else []
         retry, self._deferred = self._deferred, []
         self.stats.counts += len(d.flows)
         out = self._join([to_count(c) for c in d.flows], retry, ct_deltas, final)
+        if self.health is not None:
+            self._add_health(out, sockets)
         self.index.end_poll()
         return out
 
@@ -319,3 +350,36 @@ class EbpfSource:
         out += self.lone.collect(time.time(), final=final)
         self.stats.lone_flows = len(self.lone)
         return out
+
+    def _add_health(self, out: list[FlowDelta], sockets: list[SocketHealth]) -> None:
+        """Put each socket's TCP health on the flow (and direction) its sending tuple belongs to;
+        flows without events get zeros (the hooks exist: nothing happened)."""
+        by_fid: dict[str, list[int]] = {}  # retrans c2s, s2c, resets c2s, s2c, rtt c2s, s2c (-1: none)
+        for sh in sockets:
+            hit = self._flow_of(health_key(sh))
+            if hit is None:
+                continue
+            self.stats.health_matched += 1
+            h = by_fid.get(hit[0])
+            if h is None:
+                h = by_fid[hit[0]] = [0, 0, 0, 0, -1, -1]
+            i = 0 if hit[1] == C2S else 1
+            h[i] += sh.retrans_segs
+            h[2 + i] += sh.resets_sent
+            if sh.rtt_samples:
+                h[4 + i] = sh.srtt_us
+        for d in out:
+            h = by_fid.get(d.flow_id) or [0, 0, 0, 0, -1, -1]
+            d.retransmits_c2s, d.retransmits_s2c, d.resets_c2s, d.resets_s2c = h[:4]
+            d.rtt_us_c2s = h[4] if h[4] >= 0 else None
+            d.rtt_us_s2c = h[5] if h[5] >= 0 else None
+
+    def _flow_of(self, k: DirKey) -> tuple[str, int] | None:
+        return self.index.lookup(k) or self.lone.lookup(k)
+
+
+def health_key(sh: SocketHealth) -> DirKey:
+    """The one-way key of what a socket sends: local -> remote, as the TC programs key packets."""
+    if sh.family == 4:
+        return (6, sh.laddr[12:], sh.raddr[12:], sh.lport, sh.rport)
+    return (6, sh.laddr, sh.raddr, sh.lport, sh.rport)

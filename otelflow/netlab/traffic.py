@@ -21,6 +21,7 @@ import concurrent.futures
 import json
 import resource
 import socket
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -77,6 +78,9 @@ class FlowResult:
     up_l3_packets: int = 0
     down_l3_bytes: int = 0
     down_l3_packets: int = 0
+    # TCP segments each side's socket retransmitted (TCP_INFO tcpi_total_retrans at close)
+    up_retransmits: int = 0
+    down_retransmits: int = 0
     started: float = 0.0
     finished: float = 0.0
     error: str | None = None
@@ -87,6 +91,15 @@ class FlowResult:
         s = self.spec
         complete = self.up_received == s.up == self.up_sent and self.down_received == s.down == self.down_sent
         return self.error is None and complete
+
+
+def total_retrans(sock: socket.socket) -> int:
+    """tcpi_total_retrans of a TCP socket (0 if unreadable): struct tcp_info's u32 at offset 100."""
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return 0
+    return int.from_bytes(raw[100:104], sys.byteorder) if len(raw) >= 104 else 0
 
 
 def _raise_nofile(need: int) -> None:
@@ -228,6 +241,8 @@ class TrafficGenerator:
                 r._done.set()
         finally:
             r.finished = time.time()
+            if spec.proto == "tcp":
+                r.up_retransmits = total_retrans(sock)
             sock.close()
 
     async def _tcp_client(self, sock: socket.socket, r: FlowResult) -> None:
@@ -312,6 +327,8 @@ class TrafficGenerator:
             if r is not None:
                 r.error = f"server: {e}"
         finally:
+            if r is not None:
+                r.down_retransmits = total_retrans(conn)
             conn.close()
             if r is not None and r._done:
                 r._done.set()

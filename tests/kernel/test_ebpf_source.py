@@ -259,3 +259,32 @@ def test_auto_chooses_ebpf_here_and_says_why(small_lab: Lab) -> None:
     assert metric(text, "otelflow_agent_source", source="ebpf", requested="auto", reason="ebpf_ready") == 1
     recs = runs["n1"].flows_of(r)
     assert totals(recs) == truth(r) and all(x["source"] == "ebpf" and x["dnat"] for x in recs)
+
+
+LOSS = """
+table inet ofl_loss {
+  counter dropped { }
+  chain in {
+    type filter hook input priority -300; policy accept;
+    tcp dport 9500 meta length > 200 numgen random mod 20 == 0 counter name "dropped" drop
+  }
+}
+"""
+
+
+def test_tcp_retransmits_per_direction_equal_the_sockets_own_count(small_lab: Lab) -> None:
+    """The receiver drops 5% of the data segments: the flow's retransmits (c2s and s2c) equal what
+    each side's socket says it retransmitted (TCP_INFO tcpi_total_retrans at close)."""
+    nsu.nft_apply(small_lab.endpoint("b").netns, LOSS)
+    with agents(small_lab, ["n1"], poll=0.5, source="ebpf") as runs:
+        [r] = TrafficGenerator(small_lab).run([FlowSpec("a", "b", up=2_000_000, down=300_000, port=9500)])
+        time.sleep(1.5)
+    assert r.ok, r.error
+    assert r.up_retransmits > 0, "the loss rule made no retransmission"
+    recs = runs["n1"].flows_of(r)
+    assert totals(recs) == truth(r)
+    assert sum(x["retransmits_c2s"] for x in recs) == r.up_retransmits
+    assert sum(x["retransmits_s2c"] for x in recs) == r.down_retransmits
+    assert sum(x["resets_c2s"] + x["resets_s2c"] for x in recs) == 0
+    assert any(x["rtt_us_c2s"] for x in recs)  # the client's socket measured its RTT
+    assert "TCP health: retransmits=tp_btf/tcp_retransmit_skb" in runs["n1"].stderr

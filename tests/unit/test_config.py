@@ -49,6 +49,7 @@ source:
     interfaces: 'vp*,eth0'
     exclude_interfaces: vpx*
     idle_timeout: 30s
+    tcp_health: false
 export:
   interval: 1.5m
   temporality: delta
@@ -95,7 +96,13 @@ FULL_DICT = {
         "mode": "conntrack",
         "poll_interval": 0.5,
         "conntrack": {"enable_acct": True, "event_buffer_bytes": 65536},
-        "ebpf": {"max_entries": 4096, "interfaces": "vp*,eth0", "exclude_interfaces": "vpx*", "idle_timeout": 30.0},
+        "ebpf": {
+            "max_entries": 4096,
+            "interfaces": "vp*,eth0",
+            "exclude_interfaces": "vpx*",
+            "idle_timeout": 30.0,
+            "tcp_health": False,
+        },
     },
     "export": {
         "interval": 90.0,
