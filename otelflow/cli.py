@@ -61,7 +61,9 @@ def _cmd_netlab(args: argparse.Namespace) -> int:
 
 
 def _cmd_top(args: argparse.Namespace) -> int:
-    return _not_yet("top", "the live view lands with the operate issue")
+    from otelflow.top import main as top_main
+
+    return top_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(sp)
     sp.set_defaults(func=_cmd_netlab)
 
-    sp = sub.add_parser("top", help="live view of the cluster's flows")
+    sp = sub.add_parser("top", help="live view of the cluster's flows (nodes, workloads, connections)")
+    from otelflow.top import add_arguments as top_arguments
+
+    top_arguments(sp)
     sp.set_defaults(func=_cmd_top)
     return p
 

@@ -3,7 +3,8 @@ node naming every flow (from the lab's inventory) and counting each byte once.
 
 Every few seconds it prints who talks to whom, with bytes/s counted once cluster-wide, zone-crossing
 and external traffic marked; at the end it compares the agents' cluster-wide total with the kernel's
-own counters of the same flows. Later work replaces the table with `otelflow top` and adds OTLP.
+own counters of the same flows. On a terminal it opens `otelflow top` on the lab's agents instead
+of the tables, with traffic in rounds until the user quits.
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from otelflow.netlab import ns as nsu
-from otelflow.netlab.agents import agents, counted
+from otelflow.netlab.agents import AgentRun, agents, counted
 from otelflow.netlab.lab import Lab
 from otelflow.netlab.topology import demo_topology
-from otelflow.netlab.traffic import FlowSpec, TrafficGenerator
+from otelflow.netlab.traffic import FlowResult, FlowSpec, TrafficGenerator
 
 REQUIRED_TOOLS = ("ip", "nft", "conntrack", "ethtool", "sysctl")
 
@@ -79,6 +82,100 @@ def render(records: list[dict[str, Any]], seconds: float) -> str:
     return "\n".join(lines)
 
 
+def interactive() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _with_tables(lab: Lab, runs: dict[str, AgentRun], duration: float) -> list[FlowResult]:
+    """No terminal: one round of traffic, a table of who talks to whom every few seconds."""
+    print(f"running traffic for {duration:.0f} s", flush=True)
+    fut = TrafficGenerator(lab, timeout=duration + 60).start(traffic_mix(duration))
+    deadline = time.monotonic() + duration + 60
+    every = min(4.0, max(1.0, duration / 3))
+    while not fut.done() and time.monotonic() < deadline:
+        time.sleep(every)
+        fresh = [x for run in runs.values() for x in run.take_new()]
+        print(f"\n--- {time.strftime('%H:%M:%S')}: last {every:.0f} s, each byte counted once ---")
+        print(render(fresh, every), flush=True)
+    return fut.result(timeout=max(1.0, deadline - time.monotonic()))
+
+
+@dataclass
+class Tally:
+    """What the final comparison needs of the finished flows (kept as sums: rounds never pile up)."""
+
+    flows: int = 0
+    agent_bytes: int = 0
+    truth_bytes: int = 0
+    incomplete: int = 0
+    bad: list[FlowResult] = field(default_factory=list)  # the first few incomplete flows
+    error: str = ""  # why the traffic rounds stopped before the user quit
+
+    def add(self, results: list[FlowResult], agent_bytes: int) -> None:
+        bad = [r for r in results if not r.ok]
+        self.flows += len(results)
+        self.agent_bytes += agent_bytes
+        self.truth_bytes += sum(r.up_l3_bytes + r.down_l3_bytes for r in results)
+        self.incomplete += len(bad)
+        self.bad += bad[: max(0, 5 - len(self.bad))]
+
+
+def agent_bytes(runs: dict[str, AgentRun], results: list[FlowResult]) -> int:
+    """Bytes the agents counted (count-once directions) for these generator flows."""
+    ours = {(r.spec.proto, r.client_port) for r in results}  # the generator's flows, not lab noise
+    records = [x for run in runs.values() for x in run.records if (x["transport"], x["client_port"]) in ours]
+    return sum(v for i, v in enumerate(counted(records)) if i % 2 == 0)
+
+
+def _forget_before(runs: dict[str, AgentRun], last_port: int) -> None:
+    """Drop the agents' records that no later round needs: flows of finished rounds (client ports
+    are handed out in increasing order) and loopback noise (top's own requests). The reader threads
+    only append, and a slice delete or insert is one atomic list operation, so nothing new is lost."""
+    for run in runs.values():
+        recs = run.records
+        n = len(recs)
+        keep = [x for x in recs[:n] if x["client_port"] > last_port and not x["client_ip"].startswith("127.")]
+        del recs[:n]
+        recs[0:0] = keep
+
+
+def _with_top(lab: Lab, nodes: list[str], runs: dict[str, AgentRun], duration: float) -> Tally:
+    """A terminal: rounds of traffic until the user quits `otelflow top`, which reads every node's
+    agent (its api.listen, 127.0.0.1:9465 inside the node's namespace). Each finished round is
+    compared as it ends and its records forgotten (they do not pile up however long it runs); a round
+    still running when the user quits is left out."""
+    from otelflow.top import loader, show
+    from otelflow.top.sources import Fetcher, NetnsAgent
+    from otelflow.top.view import State
+
+    stop = threading.Event()
+    tally = Tally()
+
+    def rounds() -> None:
+        while not stop.is_set():
+            try:
+                res = TrafficGenerator(lab, timeout=duration + 60).run(traffic_mix(duration))
+            except Exception as e:  # the lab going away under a round after quitting is expected
+                if not stop.is_set():
+                    tally.error = f"traffic stopped: {type(e).__name__}: {e}"
+                return
+            if stop.wait(1.5):  # the agents' last poll of this round
+                return
+            tally.add(res, agent_bytes(runs, res))
+            _forget_before(runs, max(r.client_port for r in res))
+
+    threading.Thread(target=rounds, name="demo-traffic", daemon=True).start()
+    print(f"running traffic in rounds of {duration:.0f} s; opening otelflow top (q quits)", flush=True)
+    time.sleep(2.0)  # let the first poll land, so the first screen has rows
+    fetcher = Fetcher([NetnsAgent(lab.node_netns(n), "127.0.0.1", 9465, n) for n in nodes], wait=1.0)
+    try:
+        show(loader(fetcher, 500), State(pane="workloads"), 1.0)
+    finally:
+        stop.set()
+        fetcher.close()
+    return tally
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -110,6 +207,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     topology = demo_topology()
     nodes = [n.name for n in topology.nodes]
+    tty = interactive()  # a terminal: open top; otherwise print tables
     say = (lambda m: print(f"  building {m} ...", flush=True)) if sys.stdout.isatty() else (lambda m: None)
     print("otelflow demo: building a two-node lab cluster in network namespaces", flush=True)
     lab = Lab(topology)
@@ -120,35 +218,29 @@ def main(args: argparse.Namespace) -> int:
             inventory = lab.write_inventory(str(Path(tmp.name) / "inventory.yaml"))
             print(f"lab {lab.lab_id} is up (namespaces {lab.names.prefix}*); starting one agent per node")
             with agents(lab, nodes, poll=1.0, inventory=inventory) as runs:
-                print(f"running traffic for {args.duration:.0f} s", flush=True)
-                fut = TrafficGenerator(lab, timeout=args.duration + 60).start(traffic_mix(args.duration))
-                deadline = time.monotonic() + args.duration + 60
-                every = min(4.0, max(1.0, args.duration / 3))
-                while not fut.done() and time.monotonic() < deadline:
-                    time.sleep(every)
-                    fresh = [x for run in runs.values() for x in run.take_new()]
-                    print(
-                        f"\n--- {time.strftime('%H:%M:%S')}: last {every:.0f} s, each byte counted once ---"
-                    )
-                    print(render(fresh, every), flush=True)
-                results = fut.result(timeout=max(1.0, deadline - time.monotonic()))
-                time.sleep(1.5)  # the agents' last poll
-            ours = {(r.spec.proto, r.client_port) for r in results}  # the generator's flows, not lab noise
-            records = [
-                x for run in runs.values() for x in run.records if (x["transport"], x["client_port"]) in ours
-            ]
-            agent_total = sum(v for i, v in enumerate(counted(records)) if i % 2 == 0)
-            truth_total = sum(r.up_l3_bytes + r.down_l3_bytes for r in results)
-            bad = [r for r in results if not r.ok]
-            diff = abs(agent_total - truth_total) / truth_total * 100 if truth_total else 0.0
-            n = len(results)
-            print(f"\n{n} flows; the agents counted {agent_total:,} bytes, once, on {len(nodes)} nodes;")
-            print(
-                f"the kernel's own counters of the same flows say {truth_total:,} bytes ({diff:.3f}% apart)"
-            )
-            for r in bad[:5]:
+                results: list[FlowResult] = []
+                if tty:
+                    tally = _with_top(lab, nodes, runs, args.duration)
+                else:
+                    results = _with_tables(lab, runs, args.duration)
+                    time.sleep(1.5)  # the agents' last poll
+            if not tty:  # the agents have stopped: their final flush is in
+                tally = Tally()
+                tally.add(results, agent_bytes(runs, results))
+            if tally.error:
+                print(f"otelflow demo: {tally.error}", file=sys.stderr)
+            if not tally.flows:
+                print("no traffic round finished before top was closed: nothing to compare")
+                return 1 if tally.error else 0
+            a, t = tally.agent_bytes, tally.truth_bytes
+            diff = abs(a - t) / t * 100 if t else 0.0
+            print(f"\n{tally.flows} flows; the agents counted {a:,} bytes, once, on {len(nodes)} nodes;")
+            print(f"the kernel's own counters of the same flows say {t:,} bytes ({diff:.3f}% apart)")
+            for r in tally.bad:
                 print(f"  incomplete: {r.spec.client} -> {r.spec.server}: {r.error}")
-            return 0 if not bad else 1
+            if tally.incomplete > len(tally.bad):
+                print(f"  ... {tally.incomplete} incomplete in all")
+            return 0 if not (tally.incomplete or tally.error) else 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

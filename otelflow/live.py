@@ -22,6 +22,7 @@ cap is reached, the least recently active entry is evicted to make room (counted
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections import deque
@@ -48,8 +49,13 @@ def peer_label(p: Peer) -> str:
     return f"[{p.peer_class}]"
 
 
+NODE_LOCAL_CLASSES = frozenset({"loopback", "link-local", "multicast"})
+
+
 def is_external(p: Peer) -> bool:
-    return p.kind in ("external", "host")
+    """Outside the cluster: an inventory host, or an address nobody in the cluster owns (but
+    node-local ones: loopback, link-local, multicast)."""
+    return p.kind == "host" or (p.kind == "external" and p.peer_class not in NODE_LOCAL_CLASSES)
 
 
 @dataclass(slots=True)
@@ -206,7 +212,7 @@ class LiveView:
         nodes: dict[str, dict[str, Any]] = {}
         pairs: dict[tuple[Any, ...], dict[str, Any]] = {}
         totals = _zero_rates() | {"cross_zone_bps": 0.0, "external_bps": 0.0, "connections": 0}
-        rows = []
+        rows: list[tuple[float, _Conn, dict[str, float]]] = []
         for c, (bc, pc, bs, ps) in conns:
             active = 1 if c.counts_conn and not c.closed else 0
             rates = {
@@ -249,8 +255,8 @@ class LiveView:
             p = pairs.get(key)
             if p is None:
                 p = pairs[key] = {
-                    "client": _peer_json(c.client),
-                    "server": _peer_json(c.server),
+                    "client": _peer_json(c.client, workload_level=True),
+                    "server": _peer_json(c.server, workload_level=True),
                     "service": c.service,
                     "transport": c.transport,
                     "server_port": c.server_port,
@@ -263,36 +269,38 @@ class LiveView:
             _add_rates(p, rates)
             p["connections"] += active
             p["flows"] += 1
-            rows.append(
-                {
-                    "client": _peer_json(c.client),
-                    "server": _peer_json(c.server),
-                    "service": c.service,
-                    "transport": c.transport,
-                    "client_ip": c.client_ip,
-                    "client_port": c.client_port,
-                    "server_ip": c.server_ip,
-                    "server_port": c.server_port,
-                    "dialed_port": c.dialed_port,
-                    "cross_zone": cz,
-                    "external": ext,
-                    "open": not c.closed,
-                    "counts_connection": c.counts_conn,
-                    **rates,
-                }
-            )
-        rows.sort(key=lambda r: -(r["c2s_bps"] + r["s2c_bps"]))
+            rows.append((both, c, rates))
+        busiest = heapq.nlargest(limit, rows, key=lambda r: r[0])  # JSON only for the rows sent
+        listed = [
+            {
+                "client": _peer_json(c.client),
+                "server": _peer_json(c.server),
+                "service": c.service,
+                "transport": c.transport,
+                "client_ip": c.client_ip,
+                "client_port": c.client_port,
+                "server_ip": c.server_ip,
+                "server_port": c.server_port,
+                "dialed_port": c.dialed_port,
+                "cross_zone": c.cross_zone,
+                "external": c.external,
+                "open": not c.closed,
+                "counts_connection": c.counts_conn,
+                **rates,
+            }
+            for _, c, rates in busiest
+        ]
         return {
             "version": API_VERSION,
             "node": self.node,
             "time": now,
             "window_seconds": self.window,
             "span_seconds": span,
-            "stats": {**stats, "connections_listed": min(len(rows), limit)},
+            "stats": {**stats, "connections_listed": len(listed)},
             "totals": totals,
             "nodes": sorted(nodes.values(), key=lambda n: n["node"]),
             "pairs": list(pairs.values()),
-            "connections": rows[:limit],
+            "connections": listed,
         }
 
 
@@ -319,14 +327,17 @@ def _node_row(node: str, zone: str) -> dict[str, Any]:
     }
 
 
-def _peer_json(p: Peer) -> dict[str, str]:
+def _peer_json(p: Peer, workload_level: bool = False) -> dict[str, str]:
+    """One end as JSON. At workload level (pairs) a pod end is its workload: the pod's own name,
+    node and zone are left empty, since the pair stands for every pod of the workload."""
+    pod = workload_level and p.kind == "pod"
     return {
         "label": peer_label(p),
         "kind": p.kind,
         "class": p.peer_class,
         "namespace": p.namespace,
-        "name": p.name,
-        "workload": p.workload_name,
-        "node": p.node,
-        "zone": p.zone,
+        "name": "" if pod else p.name,
+        "workload": p.workload_name or (p.name if pod else ""),
+        "node": "" if pod else p.node,
+        "zone": "" if pod else p.zone,
     }
