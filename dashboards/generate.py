@@ -756,6 +756,13 @@ def agent_health() -> dict[str, Any]:
             "short",
         ),
         timeseries(
+            "Live-view evictions/s by node",
+            "Open connections dropped from `otelflow top`'s table to stay under api.top_max_connections "
+            "(the metrics and flow logs are not affected).",
+            [Target(rate_node("otelflow_agent_top_evicted_total"), node)],
+            "short",
+        ),
+        timeseries(
             "Kubernetes metadata staleness by node",
             "Time since the API server was last heard from (0 without Kubernetes).",
             [Target(per_node("otelflow_agent_metadata_staleness_seconds"), node)],

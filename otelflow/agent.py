@@ -247,7 +247,12 @@ def run_agent(cfg: Config, source_name: str, output: str) -> int:
     lock = cache.lock if cache else None
     pipe = Pipeline(source, Decorator(index, CountOnce(node)), sinks, cfg.source.poll_interval, lock)
     selfm = SelfMetrics(
-        source, export, lambda: len(index), cache.staleness_seconds if cache else None, (source_name, code)
+        source,
+        export,
+        lambda: len(index),
+        cache.staleness_seconds if cache else None,
+        (source_name, code),
+        live,
     )
     export.extra = selfm.render
     sdk = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import signal
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from otelflow.demo_otlp import ExportPlan, ExportSetupError, export_relays, plan_export, relay_failures
 from otelflow.netlab import ns as nsu
 from otelflow.netlab.agents import AgentRun, agents, counted
 from otelflow.netlab.lab import Lab
@@ -176,6 +178,28 @@ def _with_top(lab: Lab, nodes: list[str], runs: dict[str, AgentRun], duration: f
     return tally
 
 
+def chosen_source(run: AgentRun) -> str:
+    """What the agent logged as its flow source ("ebpf (...)" or "conntrack (...)")."""
+    for line in list(run._err_lines):
+        if "flow source: " in line:
+            return line.split("flow source: ", 1)[1].strip()
+    return "not reported"
+
+
+def _export_summary(plan: ExportPlan, relayed: tuple[int, int, str]) -> bool:
+    """Say where the flows went; False when the relays could not reach the collector."""
+    total, failed, last = relayed
+    if failed:
+        print(
+            f"otelflow demo: OTLP export: {failed} of {total} connections to {plan.host}:{plan.port} "
+            f"failed (last: {last}); the agents count the lost exports in their self-metrics",
+            file=sys.stderr,
+        )
+        return False
+    print(f"exported over OTLP to {plan.endpoint} ({total} connections through the node relays)")
+    return True
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -205,6 +229,11 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    try:
+        plan = plan_export(os.environ)
+    except ExportSetupError as e:
+        print(f"otelflow demo: OTLP export: {e}", file=sys.stderr)
+        return 1
     topology = demo_topology()
     nodes = [n.name for n in topology.nodes]
     tty = interactive()  # a terminal: open top; otherwise print tables
@@ -217,13 +246,30 @@ def main(args: argparse.Namespace) -> int:
             lab.up(progress=say)
             inventory = lab.write_inventory(str(Path(tmp.name) / "inventory.yaml"))
             print(f"lab {lab.lab_id} is up (namespaces {lab.names.prefix}*); starting one agent per node")
-            with agents(lab, nodes, poll=1.0, inventory=inventory) as runs:
+            relays: list[Any] = []
+            with contextlib.ExitStack() as stack:
+                if plan:  # relays first: they close after the agents' final export
+                    relays = stack.enter_context(export_relays(plan, [lab.node_netns(n) for n in nodes]))
+                    print(f"exporting to {plan.describe()} through a relay in each node's namespace")
+                runs = stack.enter_context(
+                    agents(
+                        lab,
+                        nodes,
+                        poll=1.0,
+                        inventory=inventory,
+                        source="auto",
+                        extra_env=plan.env if plan else None,
+                    )
+                )
+                for n in nodes:
+                    print(f"  {n}: flow source {chosen_source(runs[n])}", flush=True)
                 results: list[FlowResult] = []
                 if tty:
                     tally = _with_top(lab, nodes, runs, args.duration)
                 else:
                     results = _with_tables(lab, runs, args.duration)
                     time.sleep(1.5)  # the agents' last poll
+            exported = _export_summary(plan, relay_failures(relays)) if plan else True
             if not tty:  # the agents have stopped: their final flush is in
                 tally = Tally()
                 tally.add(results, agent_bytes(runs, results))
@@ -240,11 +286,11 @@ def main(args: argparse.Namespace) -> int:
                 print(f"  incomplete: {r.spec.client} -> {r.spec.server}: {r.error}")
             if tally.incomplete > len(tally.bad):
                 print(f"  ... {tally.incomplete} incomplete in all")
-            return 0 if not (tally.incomplete or tally.error) else 1
+            return 0 if not (tally.incomplete or tally.error) and exported else 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except nsu.NetlabError as e:
+    except (nsu.NetlabError, ExportSetupError) as e:
         print(f"otelflow demo: {e}", file=sys.stderr)
         return 1
     finally:

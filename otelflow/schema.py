@@ -292,6 +292,11 @@ SELF_METRICS: tuple[SelfMetric, ...] = (
         "flow-log records dropped by the filters or sampling",
     ),
     SelfMetric(
+        "otelflow_agent_top_evicted_total",
+        "counter",
+        "open connections dropped from the live view (api.top_max_connections reached)",
+    ),
+    SelfMetric(
         "otelflow_agent_metadata_staleness_seconds",
         "gauge",
         "time since the Kubernetes API was last heard from (0 without Kubernetes)",

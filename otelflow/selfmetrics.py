@@ -20,7 +20,9 @@ class SelfMetrics:
         index_size: Callable[[], int],
         staleness: Callable[[], float] | None = None,
         selection: tuple[str, str] = ("", ""),  # (requested source, reason code)
+        live: Any = None,  # the LiveView behind /api/v1/top (None when api.listen is off)
     ) -> None:
+        self.live = live
         self.source = source
         self.selection = selection
         self.export = export
@@ -57,6 +59,7 @@ class SelfMetrics:
             "otelflow_agent_export_rejected_items_total": [({}, ex.rejected_items if ex else 0)],
             "otelflow_agent_export_queue_bytes": [({}, ex.queue_bytes if ex else 0)],
             "otelflow_agent_flow_logs_filtered_total": [({}, logs.filtered if logs else 0)],
+            "otelflow_agent_top_evicted_total": [({}, self.live.evicted if self.live else 0)],
             "otelflow_agent_metadata_staleness_seconds": [({}, round(self.staleness(), 3))],
             "otelflow_agent_index_addresses": [({}, self.index_size())],
             "otelflow_agent_source": [

@@ -5,22 +5,21 @@ labels, InternalIPs in both families), the workloads' owner objects (Deployment 
 StatefulSet, DaemonSet), Pods on their nodes with the lab's addresses (set through pods/status: no
 kubelet runs), dual-stack Services with the lab's ClusterIPs, and their EndpointSlices.
 
-`NamespaceRelay` listens on 127.0.0.1:<port> *inside* a lab namespace and relays each connection to
-127.0.0.1:<port> of this process's namespace, so agents in node namespaces reach the API server
-under the address its certificate names, with nothing configured in the machine's own network.
+`relays` puts a `NamespaceRelay` (otelflow/netlab/relay.py) in every node namespace: 127.0.0.1:<port>
+there is relayed to 127.0.0.1:<port> of this process's namespace, so agents in node namespaces reach
+the API server under the address its certificate names, with nothing configured in the machine's own
+network.
 """
 
 from __future__ import annotations
 
 import contextlib
-import socket
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 from otelflow.k8s.client import KubeClient
-from otelflow.netlab import ns as nsu
 from otelflow.netlab.lab import Lab
+from otelflow.netlab.relay import NamespaceRelay
 
 CONTAINER = {"name": "app", "image": "registry.invalid/app:1"}
 
@@ -196,57 +195,6 @@ class LabRegistrar:
             if p.name not in skip_pods:
                 self.lab_pod(p.name)
         self.services()
-
-
-class NamespaceRelay:
-    """127.0.0.1:<port> inside `netns` -> 127.0.0.1:<port> here (TCP, both ways, until closed)."""
-
-    def __init__(self, netns: str, port: int) -> None:
-        self.port = port
-        self.lsock = nsu.socket_in(netns, socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", port))
-        self.lsock.listen(64)
-        self._stop = False
-        self._socks: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, name=f"relay-{netns}", daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.lsock.accept()
-            except OSError:
-                return
-            try:
-                up = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-                up.settimeout(None)
-            except OSError:
-                conn.close()
-                continue
-            self._socks += [conn, up]
-            for a, b in ((conn, up), (up, conn)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self._stop = True
-        with contextlib.suppress(OSError):
-            self.lsock.shutdown(socket.SHUT_RDWR)
-        self.lsock.close()
-        for s in self._socks:
-            with contextlib.suppress(OSError):
-                s.close()
 
 
 @contextlib.contextmanager
