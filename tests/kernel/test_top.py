@@ -178,12 +178,13 @@ def test_top_in_tmux(lab_run: tuple[Lab, list[FlowResult], Any], tmp_path: Path)
         assert first[:2] == ["shop/frontend", "shop/cart"] and first[-1] == "cross-zone"
 
         tm.keys("/", "ns:data", "Enter")  # filter: only rows with an end in namespace data
-        s = tm.wait_for(lambda s: "filter: ns:data" in s, "the filter")
+        # the tabs line names the applied filter (the prompt line shows it while it is typed)
+        s = tm.wait_for(lambda s: "filter: ns:data    h: help" in s, "the filter")
         assert [x.split()[1] for x in rows(s)] == ["data/db"]
         tm.keys(
             "/", "BSpace", "BSpace", "BSpace", "BSpace", "BSpace", "BSpace", "BSpace", "port:7777", "Enter"
         )
-        s = tm.wait_for(lambda s: "filter: port:7777" in s, "the port filter")
+        s = tm.wait_for(lambda s: "filter: port:7777    h: help" in s, "the port filter")
         assert [x.split()[:3] for x in rows(s)] == [["shop/frontend", "shop/cart", "7777/tcp"]]
         tm.keys("x")
 
