@@ -288,3 +288,16 @@ def test_tcp_retransmits_per_direction_equal_the_sockets_own_count(small_lab: La
     assert sum(x["resets_c2s"] + x["resets_s2c"] for x in recs) == 0
     assert any(x["rtt_us_c2s"] for x in recs)  # the client's socket measured its RTT
     assert "TCP health: retransmits=tp_btf/tcp_retransmit_skb" in runs["n1"].stderr
+
+
+def test_long_flow_across_many_polls_is_one_flow_and_exact(small_lab: Lab) -> None:
+    with agents(small_lab, ["n1"], poll=0.5, source="ebpf") as runs:
+        spec = FlowSpec("a", "svc/s", up=400_000, down=800_000, duration=3.5)
+        [r] = TrafficGenerator(small_lab).run([spec])
+        time.sleep(1.5)
+    assert r.ok, r.error
+    recs = runs["n1"].flows_of(r)
+    moving = [x for x in recs if x["bytes_c2s"] + x["bytes_s2c"] > 0]
+    assert len(moving) >= 5  # counted in at least five polls
+    assert totals(recs) == truth(r)
+    assert len({x["flow_id"] for x in recs}) == 1 and all(x["dnat"] for x in recs)

@@ -80,7 +80,11 @@ def test_bpf_build_is_the_command_ci_runs() -> None:
 
 
 def test_package_install_is_the_command_ci_runs() -> None:
-    [ci] = script_lines("scripts/setup", r"pip install .*-e")
+    # setup installs the package with the test extra (CI, `./scripts/test`) or without it
+    # (`--runtime`, the demo): the same pip line but for the extra
+    lines = script_lines("scripts/setup", r"pip install .*-e")
+    [ci] = [x for x in lines if "[test]" in x]
+    [runtime] = [x for x in lines if "[test]" not in x]
     build, _ = stages()
     [docker] = [r for r in runs(build) if " install " in r and "pip" in r]
     ci_words, docker_words = shlex.split(ci), shlex.split(docker)
@@ -90,6 +94,7 @@ def test_package_install_is_the_command_ci_runs() -> None:
     ci_args = [w for w in ci_words[1:] if w != "-e"]
     assert ci_args[-1] == ".[test]"
     assert docker_words[1:] == [*ci_args[:-1], "."]
+    assert [w for w in shlex.split(runtime) if w != "-e"] == [ci_words[0], *ci_args[:-1], "."]
     # the venv: CI's `"$PY" -m venv .venv`, the image's `python3 -m venv /opt/otelflow`
     [ci_venv] = script_lines("scripts/setup", r"-m venv")
     assert '"$PY" -m venv .venv' in ci_venv
