@@ -106,6 +106,7 @@ class Aggregator:
         # peer -> (id as source, id as destination); flow attrs -> id; id -> (pairs, encoded block).
         # Series keys are (source id, destination id, flow id): three small ints, cheap to hash.
         self._end_cache: dict[tuple[str, ...], tuple[int, int]] = {}
+        self._end_by_peer: dict[int, tuple[Peer, tuple[int, int]]] = {}  # see _end_of
         self._flow_cache: dict[tuple[str | int, ...], int] = {}
         self._part_ids: dict[tuple[int, tuple[object, ...]], int] = {}
         self._parts: list[tuple[tuple[tuple[str, str | int], ...], bytes]] = []
@@ -114,7 +115,7 @@ class Aggregator:
     # ---- attribute values ----------------------------------------------------------------------
     def _end(self, p: Peer, address: str) -> tuple[int, int]:
         """Part ids of an end's exported values as a source and as a destination (cached per peer)."""
-        addr = address if p.in_cluster and self._uses_address else ""
+        addr = address if self._uses_address and p.in_cluster else ""
         key = (p.name, p.namespace, p.peer_class, p.node, addr)  # identifies the peer; cheaper to hash
         v = self._end_cache.get(key)
         if v is None:
@@ -141,10 +142,22 @@ class Aggregator:
             self._end_cache[key] = v
         return v
 
+    def _end_of(self, p: Peer) -> tuple[int, int]:
+        """``_end`` for a level without addresses, remembered per Peer object (the IP index hands out
+        one object per owner; the object is kept in the value so its id cannot be reused)."""
+        ids = self._end(p, "")
+        if len(self._end_by_peer) >= 100_000:
+            self._end_by_peer.clear()
+        self._end_by_peer[id(p)] = (p, ids)
+        return ids
+
     def _flow(self, vals: tuple[str | int, ...]) -> int:
+        """Part id of the flow attributes (transport, family number, server port, Service name)."""
         v = self._flow_cache.get(vals)
         if v is None:
-            v = self._flow_cache[vals] = self._part(2, tuple(vals[i] for i in self._idx[2]))
+            transport, family, port, service = vals
+            named = (transport, f"ipv{family}", port, service)
+            v = self._flow_cache[vals] = self._part(2, tuple(named[i] for i in self._idx[2]))
         return v
 
     def _part(self, role: int, values: tuple[object, ...]) -> int:
@@ -162,52 +175,96 @@ class Aggregator:
 
     # ---- input -----------------------------------------------------------------------------------
     def add(self, batch: Iterable[DecoratedFlow]) -> None:
+        """Count a batch into the series. The hot path of the agent: the series of each metric are
+        looked up inline (a method call per value cost more than the rest); ``_series`` makes new
+        ones."""
         now = self.clock_ns()
         m = self.metrics
+        nbytes, npackets, nzone = (m[n] for n in self.METRIC_NAMES[:3])
+        nopened, nclosed, nactive = (m[n] for n in self.METRIC_NAMES[3:])
+        bytes_get, packets_get, zone_get = nbytes.series.get, npackets.series.get, nzone.series.get
+        opened_get, closed_get, active_get = nopened.series.get, nclosed.series.get, nactive.series.get
+        new, end, flow = self._series, self._end, self._flow
+        by_peer = None if self._uses_address else self._end_by_peer
+        records = 0
         for d in batch:
-            self.stats.records += 1
-            f = d.flow
-            fl = self._flow(
-                (f.transport, f"ipv{f.family}", f.server_port, d.service.name if d.service else "")
-            )
-            c_src, c_dst = self._end(d.client, f.client_ip)
-            s_src, s_dst = self._end(d.server, f.server_ip)
+            records += 1
+            f, c, s = d.flow, d.client, d.server
+            fl = flow((f.transport, f.family, f.server_port, d.service.name if d.service else ""))
+            if by_peer is None:  # an end's ids depend on its address
+                c_src, c_dst = end(c, f.client_ip)
+                s_src, s_dst = end(s, f.server_ip)
+            else:  # they depend on the peer only: look them up by identity (cheaper than by values)
+                hit = by_peer.get(id(c))
+                c_src, c_dst = hit[1] if hit is not None and hit[0] is c else self._end_of(c)
+                hit = by_peer.get(id(s))
+                s_src, s_dst = hit[1] if hit is not None and hit[0] is s else self._end_of(s)
+            interzone = c.zone and s.zone and c.zone != s.zone
+            # None: no counters (conntrack accounting off): no series. 0: the series exists, unchanged.
             if d.count_c2s:
                 k = (c_src, s_dst, fl)
-                self._bump(m["otelflow.flow.bytes"], k, f.bytes_c2s, now)
-                self._bump(m["otelflow.flow.packets"], k, f.packets_c2s, now)
-                if f.bytes_c2s and d.client.zone and d.server.zone and d.client.zone != d.server.zone:
-                    self._bump(m["otelflow.flow.interzone.bytes"], k, f.bytes_c2s, now)
-                if f.opened or f.closed:
-                    self._bump(m["otelflow.connections.opened"], k, int(f.opened), now)
-                    self._bump(m["otelflow.connections.closed"], k, int(f.closed), now)
-                    self._bump(m["otelflow.connections.active"], k, int(f.opened) - int(f.closed), now)
+                v = f.bytes_c2s
+                if v is not None:
+                    ser = bytes_get(k) or new(nbytes, k, now)
+                    if v:
+                        ser.total += v
+                        ser.changed = True
+                        if interzone:
+                            ser = zone_get(k) or new(nzone, k, now)
+                            ser.total += v
+                            ser.changed = True
+                v = f.packets_c2s
+                if v is not None:
+                    ser = packets_get(k) or new(npackets, k, now)
+                    if v:
+                        ser.total += v
+                        ser.changed = True
+                if f.opened or f.closed:  # connections: where the client->server bytes are counted
+                    ser = opened_get(k) or new(nopened, k, now)
+                    if f.opened:
+                        ser.total += 1
+                        ser.changed = True
+                    ser = closed_get(k) or new(nclosed, k, now)
+                    if f.closed:
+                        ser.total += 1
+                        ser.changed = True
+                    ser = active_get(k) or new(nactive, k, now)
+                    if f.opened != f.closed:
+                        ser.total += 1 if f.opened else -1
+                        ser.changed = True
             if d.count_s2c:
                 k = (s_src, c_dst, fl)
-                self._bump(m["otelflow.flow.bytes"], k, f.bytes_s2c, now)
-                self._bump(m["otelflow.flow.packets"], k, f.packets_s2c, now)
-                if f.bytes_s2c and d.client.zone and d.server.zone and d.client.zone != d.server.zone:
-                    self._bump(m["otelflow.flow.interzone.bytes"], k, f.bytes_s2c, now)
+                v = f.bytes_s2c
+                if v is not None:
+                    ser = bytes_get(k) or new(nbytes, k, now)
+                    if v:
+                        ser.total += v
+                        ser.changed = True
+                        if interzone:
+                            ser = zone_get(k) or new(nzone, k, now)
+                            ser.total += v
+                            ser.changed = True
+                v = f.packets_s2c
+                if v is not None:
+                    ser = packets_get(k) or new(npackets, k, now)
+                    if v:
+                        ser.total += v
+                        ser.changed = True
+        self.stats.records += records
 
-    def _bump(self, ms: MetricSeries, key: tuple[int, int, int], value: int | None, now: int) -> None:
-        if value is None:
-            return  # no counters (conntrack accounting off)
-        s = ms.series.get(key)
-        if s is None:
-            if len(ms.series) >= self.max_series:
-                if ms.overflow is None:
-                    block = pb.attributes(((OVERFLOW_KEY, "true"),), field=7, bools={OVERFLOW_KEY})
-                    ms.overflow = Series((-1, -1, -1), pb.point_head(block), now)
-                s = ms.overflow
-                self.stats.overflow_points += 1
-            else:
-                parts = self._parts
-                s = Series(key, pb.point_head(parts[key[0]][1] + parts[key[1]][1] + parts[key[2]][1]), now)
-                ms.series[key] = s
-                self.stats.series += 1
-        if value:
-            s.total += value
-            s.changed = True
+    def _series(self, ms: MetricSeries, key: tuple[int, int, int], now: int) -> Series:
+        """A new series for `key`, or the overflow series once the metric holds max_series."""
+        if len(ms.series) >= self.max_series:
+            if ms.overflow is None:
+                block = pb.attributes(((OVERFLOW_KEY, "true"),), field=7, bools={OVERFLOW_KEY})
+                ms.overflow = Series((-1, -1, -1), pb.point_head(block), now)
+            self.stats.overflow_points += 1
+            return ms.overflow
+        parts = self._parts
+        s = Series(key, pb.point_head(parts[key[0]][1], parts[key[1]][1], parts[key[2]][1]), now)
+        ms.series[key] = s
+        self.stats.series += 1
+        return s
 
     def pairs(self, s: Series) -> tuple[tuple[str, str | int], ...]:
         """A series' exported (key, value) attribute pairs (for Prometheus)."""
@@ -265,6 +322,7 @@ class Aggregator:
             k: (remap[a], remap[b]) for k, (a, b) in self._end_cache.items() if a in remap and b in remap
         }
         self._flow_cache = {k: remap[v] for k, v in self._flow_cache.items() if v in remap}
+        self._end_by_peer.clear()
         for ms in self.metrics.values():
             ms.series = {(remap[a], remap[b], remap[c]): s for (a, b, c), s in ms.series.items()}
             for s in ms.series.values():

@@ -32,14 +32,22 @@ def _varint_slow(n: int) -> bytes:
 
 
 _SMALL = tuple(_varint_slow(i) for i in range(1 << 14))  # constant table: 1- and 2-byte varints
+# 14 low bits as two varint bytes that both carry the continuation bit (more bytes follow)
+_CONT = tuple(bytes(((x & 0x7F) | 0x80, (x >> 7) | 0x80)) for x in range(1 << 14))
 
 
 def varint(n: int) -> bytes:
+    """Protobuf base-128 varint; negative numbers as their 64-bit two's complement (int64 fields)."""
     if 0 <= n < 16384:
         return _SMALL[n]
     if n < 0:
         n &= 0xFFFFFFFFFFFFFFFF
-    return _varint_slow(n)
+    out = _CONT[n & 0x3FFF]  # n >= 16384 here: at least one more byte follows
+    n >>= 14
+    while n >= 16384:
+        out += _CONT[n & 0x3FFF]
+        n >>= 14
+    return out + _SMALL[n]
 
 
 _LD_TAGS = tuple(_varint_slow(f << 3 | 2) for f in range(32))  # length-delimited field tags
@@ -76,11 +84,44 @@ def attributes(
     return b"".join(ld(field, keyvalue(k, v, k in b)) for k, v in pairs)
 
 
-def int_kv(field: int, key: bytes, v: int) -> bytes:
-    """A repeated-KeyValue field with an int value; `key` is the pre-encoded KeyValue.key (ld(1, ...))."""
-    inner = b"\x18" + varint(v)
-    kv = key + b"\x12" + _SMALL[len(inner)] + inner
-    return _LD_TAGS[field] + _SMALL[len(kv)] + kv if len(kv) < 16384 else ld(field, kv)
+_SHORT_STR = 256  # string values shorter than this use Key's prefix table; longer ones are framed directly
+
+
+def _framed_prefix(field: int, inner_head: bytes, n: int) -> bytes:
+    """Tag and length of a length-delimited field whose payload is ``inner_head`` + n more bytes."""
+    return _LD_TAGS[field] + varint(len(inner_head) + n) + inner_head
+
+
+class Key:
+    """One attribute key of a repeated-KeyValue field (`field`), encoded once with the framing for
+    every value length, so that encoding a (key, value) pair is one value encoding and one
+    concatenation: ``prefix[len(value bytes)] + value bytes``. Same bytes as ``ld(field,
+    keyvalue(name, v))``."""
+
+    __slots__ = ("_ints", "_strs", "field", "name")
+
+    def __init__(self, field: int, name: str) -> None:
+        self.field = field
+        self.name = name
+        k = ld(1, name.encode())
+        # KeyValue{key=1, value=2: AnyValue{int_value=3 (varint, 1..10 bytes)}}
+        self._ints = tuple(_framed_prefix(field, k + b"\x12" + _SMALL[1 + n] + b"\x18", n) for n in range(11))
+        # KeyValue{key=1, value=2: AnyValue{string_value=1 (n bytes)}}
+        self._strs = tuple(
+            _framed_prefix(field, k + b"\x12" + varint(1 + len(varint(n)) + n) + b"\x0a" + varint(n), n)
+            for n in range(_SHORT_STR)
+        )
+
+    def of_int(self, v: int) -> bytes:
+        b = _SMALL[v] if 0 <= v < 16384 else varint(v)
+        return self._ints[len(b)] + b
+
+    def of_str(self, v: str) -> bytes:
+        b = v.encode()
+        n = len(b)
+        if n < _SHORT_STR:
+            return self._strs[n] + b
+        return ld(self.field, keyvalue(self.name, v))
 
 
 class KvCache:
@@ -109,6 +150,28 @@ class KvCache:
         return b"".join([get(k, v) for k, v in pairs])
 
 
+class IntKeys:
+    """Several int attributes encoded in one call (a record's counters): the same bytes as each
+    ``Key.of_int``, as fragments to join into the record."""
+
+    __slots__ = ("_tables",)
+
+    def __init__(self, field: int, names: Sequence[str]) -> None:
+        self._tables = tuple(Key(field, n)._ints for n in names)
+
+    def fragments(self, values: Sequence[int]) -> list[bytes]:
+        out: list[bytes] = []
+        for table, v in zip(self._tables, values, strict=True):
+            if 0 <= v < 16384:
+                b = _SMALL[v]
+            elif 0 < v < 268435456:  # 3 or 4 bytes
+                b = _CONT[v & 0x3FFF] + _SMALL[v >> 14]
+            else:
+                b = varint(v)
+            out.append(table[len(b)] + b)
+        return out
+
+
 def resource(pairs: Sequence[tuple[str, str | int]]) -> bytes:
     """Resource message (attributes=1)."""
     return attributes(pairs, 1)
@@ -123,10 +186,11 @@ _POINT_TAIL = struct.Struct("<BQBQBq")  # start_time_unix_nano=2, time_unix_nano
 POINT_TAIL_SIZE = _POINT_TAIL.size
 
 
-def point_head(attr_block: bytes) -> bytes:
+def point_head(*attr_blocks: bytes) -> bytes:
     """The constant prefix of a series' NumberDataPoint as a repeated field (data_points=1): tag,
-    length and the attribute block. A point is then ``head + point_tail(...)``."""
-    return ld(1, attr_block + b"\0" * POINT_TAIL_SIZE)[:-POINT_TAIL_SIZE]
+    length and the attributes (the blocks joined). A point is then ``head + point_tail(...)``."""
+    n = sum(map(len, attr_blocks)) + POINT_TAIL_SIZE
+    return b"".join((_LD_TAGS[1], _SMALL[n] if n < 16384 else varint(n), *attr_blocks))
 
 
 def point_tail(start_ns: int, time_ns: int, value: int) -> bytes:
@@ -143,44 +207,45 @@ def sum_metric(
 ) -> bytes:
     """Metric with sum=7: Sum{data_points=1, aggregation_temporality=2, is_monotonic=3}. ``framed``:
     the points already carry their data_points tag and length (see point_head)."""
-    pts = b"".join(points) if framed else b"".join(ld(1, p) for p in points)
-    body = pts + b"\x10" + varint(temporality) + (b"\x18\x01" if monotonic else b"")
-    return head + ld(7, body)
+    pts = points if framed else [ld(1, p) for p in points]
+    tail = b"\x10" + varint(temporality) + (b"\x18\x01" if monotonic else b"")
+    n = sum(map(len, pts)) + len(tail)
+    return b"".join([head, _LD_TAGS[7], varint(n), *pts, tail])
+
+
+def request(resource_msg: bytes, scope_msg: bytes, framed: list[bytes], size: int) -> bytes:
+    """Export{Metrics,Logs}ServiceRequest around already framed items, in one copy. Both have the same
+    shape: request{resource_X=1{resource=1, scope_X=2{scope=1, items=2}}}; ``framed`` holds each item's
+    tag and length and its bytes (as separate or joined fragments), ``size`` their total length."""
+    res = ld(1, resource_msg)
+    sc = ld(1, scope_msg)
+    inner = len(sc) + size
+    inner_head = b"\x12" + varint(inner)
+    outer = len(res) + len(inner_head) + inner
+    head = b"".join((b"\x0a", varint(outer), res, inner_head, sc))
+    return b"".join([head, *framed])
+
+
+def item_frame(n: int) -> bytes:
+    """Tag and length of one item (metrics=2 / log_records=2) of n bytes in a scope message."""
+    return b"\x12" + (_SMALL[n] if n < 16384 else varint(n))
 
 
 def metrics_request(resource_msg: bytes, scope_msg: bytes, metrics: Sequence[bytes]) -> bytes:
     """ExportMetricsServiceRequest{resource_metrics=1{resource=1, scope_metrics=2{scope=1, metrics=2}}}."""
-    sm = ld(1, scope_msg) + b"".join(ld(2, m) for m in metrics)
-    return ld(1, ld(1, resource_msg) + ld(2, sm))
+    framed = [ld(2, m) for m in metrics]
+    return request(resource_msg, scope_msg, framed, sum(map(len, framed)))
 
 
-_INFO = ld(3, b"INFO")
-_LOG_FIXED = struct.Struct("<BQBB")  # time_unix_nano=1, severity_number=2 (INFO)
+# LogRecord: time_unix_nano=1 (fixed64), then the constant severity_number=2 (INFO) and severity_text=3
+LOG_TIME_TAG = 0x09
+LOG_SEVERITY_INFO = b"\x10" + bytes([SEVERITY_INFO]) + ld(3, b"INFO")
+LOG_HEAD = struct.Struct(f"<BQ{len(LOG_SEVERITY_INFO)}s")  # pack(LOG_TIME_TAG, time, LOG_SEVERITY_INFO)
 
 
-def log_record(time_ns: int, observed_ns: int, attr_block: bytes, event_field: bytes) -> bytes:
-    """LogRecord framed as log_records=2: time_unix_nano=1, severity_number=2 (INFO), severity_text=3,
-    attributes=6 (pre-encoded), observed_time_unix_nano=11, event_name=12 (pre-encoded field)."""
-    rec = b"".join(
-        (
-            _LOG_FIXED.pack(0x09, time_ns, 0x10, SEVERITY_INFO),
-            _INFO,
-            attr_block,
-            b"\x59",
-            _FIXED64(observed_ns),
-            event_field,
-        )
-    )
-    return ld(2, rec)
-
-
-def logs_request(
-    resource_msg: bytes, scope_msg: bytes, records: Sequence[bytes], framed: bool = False
-) -> bytes:
-    """ExportLogsServiceRequest{resource_logs=1{resource=1, scope_logs=2{scope=1, log_records=2}}}.
-    ``framed``: the records already carry their log_records tag and length."""
-    sl = ld(1, scope_msg) + (b"".join(records) if framed else b"".join(ld(2, r) for r in records))
-    return ld(1, ld(1, resource_msg) + ld(2, sl))
+def log_tail(observed_ns: int, event_name: str) -> bytes:
+    """A LogRecord's last fields: observed_time_unix_nano=11 (fixed64) and event_name=12."""
+    return b"\x59" + _FIXED64(observed_ns) + ld(12, event_name.encode())
 
 
 def chunks(items: Sequence[bytes], limit: int, overhead: int = 0) -> list[list[bytes]]:

@@ -70,5 +70,8 @@ class MetricsEncoder:
         return items
 
     def _item(self, metrics: list[bytes], count: int) -> Item:
-        body = pb.metrics_request(self.resource, self.scope, metrics)
+        framed: list[bytes] = []
+        for m in metrics:
+            framed += (pb.item_frame(len(m)), m)
+        body = pb.request(self.resource, self.scope, framed, sum(map(len, framed)))
         return Item("metrics", body, count, cumulative=not self.delta, generation=self._generation)
