@@ -68,6 +68,8 @@ class Aggregator:
         "otelflow.connections.opened",
         "otelflow.connections.closed",
         "otelflow.connections.active",
+        "otelflow.tcp.retransmits",
+        "otelflow.tcp.resets",
     )
 
     def __init__(
@@ -181,7 +183,7 @@ class Aggregator:
         now = self.clock_ns()
         m = self.metrics
         nbytes, npackets, nzone = (m[n] for n in self.METRIC_NAMES[:3])
-        nopened, nclosed, nactive = (m[n] for n in self.METRIC_NAMES[3:])
+        nopened, nclosed, nactive = (m[n] for n in self.METRIC_NAMES[3:6])
         bytes_get, packets_get, zone_get = nbytes.series.get, npackets.series.get, nzone.series.get
         opened_get, closed_get, active_get = nopened.series.get, nclosed.series.get, nactive.series.get
         new, end, flow = self._series, self._end, self._flow
@@ -250,7 +252,25 @@ class Aggregator:
                     if v:
                         ser.total += v
                         ser.changed = True
+            if f.retransmits_c2s is not None and f.transport == "tcp":  # TCP health (eBPF source)
+                self._tcp(d, (c_src, s_dst, fl), (s_src, c_dst, fl), now)
         self.stats.records += records
+
+    def _tcp(self, d: DecoratedFlow, c2s: tuple[int, int, int], s2c: tuple[int, int, int], now: int) -> None:
+        """Retransmits and resets sent by each end, counted where that direction's bytes are."""
+        f, m = d.flow, self.metrics
+        for own, k, retrans, resets in (
+            (d.count_c2s, c2s, f.retransmits_c2s, f.resets_c2s),
+            (d.count_s2c, s2c, f.retransmits_s2c, f.resets_s2c),
+        ):
+            if not own:
+                continue
+            for name, v in (("otelflow.tcp.retransmits", retrans), ("otelflow.tcp.resets", resets)):
+                ms = m[name]
+                ser = ms.series.get(k) or self._series(ms, k, now)
+                if v:
+                    ser.total += v
+                    ser.changed = True
 
     def _series(self, ms: MetricSeries, key: tuple[int, int, int], now: int) -> Series:
         """A new series for `key`, or the overflow series once the metric holds max_series."""

@@ -215,7 +215,7 @@ METRICS: tuple[Metric, ...] = (
         "otelflow.tcp.rtt",
         "s",
         "histogram",
-        "smoothed TCP round-trip time seen by source",
+        "smoothed TCP round-trip time seen by source (not exported yet; the eBPF source measures it)",
         "otelflow_tcp_rtt_seconds",
         "flow",
         "ebpf",

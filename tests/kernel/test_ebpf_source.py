@@ -279,6 +279,7 @@ def test_tcp_retransmits_per_direction_equal_the_sockets_own_count(small_lab: La
     with agents(small_lab, ["n1"], poll=0.5, source="ebpf") as runs:
         [r] = TrafficGenerator(small_lab).run([FlowSpec("a", "b", up=2_000_000, down=300_000, port=9500)])
         time.sleep(1.5)
+        text = metrics_of(small_lab, "n1")
     assert r.ok, r.error
     assert r.up_retransmits > 0, "the loss rule made no retransmission"
     recs = runs["n1"].flows_of(r)
@@ -288,6 +289,11 @@ def test_tcp_retransmits_per_direction_equal_the_sockets_own_count(small_lab: La
     assert sum(x["resets_c2s"] + x["resets_s2c"] for x in recs) == 0
     assert any(x["rtt_us_c2s"] for x in recs)  # the client's socket measured its RTT
     assert "TCP health: retransmits=tp_btf/tcp_retransmit_skb" in runs["n1"].stderr
+    # and as metrics (this is the lab's only TCP flow; each direction is counted on this node)
+    exported = sum(
+        float(x.split()[-1]) for x in text.splitlines() if x.startswith("otelflow_tcp_retransmits_total{")
+    )
+    assert exported == r.up_retransmits + r.down_retransmits
 
 
 def test_long_flow_across_many_polls_is_one_flow_and_exact(small_lab: Lab) -> None:
