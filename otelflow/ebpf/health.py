@@ -36,9 +36,9 @@ away with the process, even on SIGKILL (unlike tc filters). close() detaches exp
 exceptions (context manager), at interpreter exit, on garbage collection and, with
 :func:`otelflow.ebpf.loader.close_on_signals`, on SIGTERM/SIGINT/SIGHUP.
 
-**Draining** is lossless as in the flow counter (loader.py): two maps behind a one-slot
-ARRAY_OF_MAPS, swapped (the kernel waits for running programs), then the quiet map is read and
-emptied with bpf_map_lookup_and_delete_batch.
+**Draining** is lossless as in the flow counter (loader.py), by the same machinery (maps.py): two
+maps behind a one-slot ARRAY_OF_MAPS, swapped (the kernel waits for running programs), then the
+quiet map is read and emptied with bpf_map_lookup_and_delete_batch.
 
 **Needs** CAP_BPF and CAP_PERFMON (CAP_SYS_ADMIN before 5.8), kernel BTF, Linux >= 5.12; no
 privileged container.
@@ -48,11 +48,9 @@ from __future__ import annotations
 
 import ctypes as C
 import errno
-import socket
 import struct
 import threading
 import time
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +58,8 @@ from typing import NamedTuple
 
 from otelflow.ebpf import libbpf as lb
 from otelflow.ebpf.features import Probe
-from otelflow.ebpf.loader import EbpfError, coarse_now_ns
+from otelflow.ebpf.loader import EbpfError, Loaded, coarse_now_ns, ip_str
+from otelflow.ebpf.maps import Layout, SwapMaps, map_fd, size_inner
 
 DEFAULT_OBJECT = Path(__file__).with_name("health.bpf.o")
 DEFAULT_MAX_ENTRIES = 16384
@@ -150,6 +149,8 @@ FEATURES: dict[str, tuple[tuple[Hook, ...], ...]] = {
 }
 PROGRAMS = tuple(h.program for alts in FEATURES.values() for alt in alts for h in alt)
 MAPS = ("health_a", "health_b", "health_maps", "hl_config", "netns_allow", "drops", "stats")
+# the drain maps (maps.py); health_a: the object's static initialisation of health_maps[0]
+LAYOUT = Layout("health", ("health_a", "health_b"), "health_maps", KEY, VAL, DROP_NAMES, STAT_NAMES)
 
 REMEDY = (
     "TCP health needs kernel BTF, Linux >= 5.12 and CAP_BPF + CAP_PERFMON (CAP_SYS_ADMIN before "
@@ -182,11 +183,11 @@ class SocketHealth(NamedTuple):
 
     @property
     def local_ip(self) -> str:
-        return _ip_str(self.family, self.laddr)
+        return ip_str(self.family, self.laddr)
 
     @property
     def remote_ip(self) -> str:
-        return _ip_str(self.family, self.raddr)
+        return ip_str(self.family, self.raddr)
 
     def tuple4(self) -> tuple[str, int, str, int]:
         """(local ip, local port, remote ip, remote port) with addresses as strings."""
@@ -197,13 +198,7 @@ class SocketHealth(NamedTuple):
         return self.rtt_sum_us / self.rtt_samples if self.rtt_samples else 0.0
 
 
-def _ip_str(family: int, addr: bytes) -> str:
-    if family == 4:
-        return socket.inet_ntop(socket.AF_INET, addr[12:])
-    return socket.inet_ntop(socket.AF_INET6, addr)
-
-
-def parse_entries(keys: bytes, values: bytes, n: int) -> list[SocketHealth]:
+def parse_entries(keys: memoryview | bytes, values: memoryview | bytes, n: int) -> list[SocketHealth]:
     """SocketHealth records from n packed keys and n packed values (a batch lookup's arrays)."""
     kv = memoryview(keys)[: n * KEY.size]
     vv = memoryview(values)[: n * VAL.size]
@@ -264,9 +259,7 @@ def _try_alternative(path: str, alt: tuple[Hook, ...]) -> str | None:
     links: list[int] = []
     try:
         progs = _select(obj, {h.program for h in alt})
-        for name in ("health_a", "health_b"):
-            m = lb.check(L.bpf_object__find_map_by_name(obj, name.encode()), f"map {name}")
-            lb.check(L.bpf_map__set_max_entries(m, 1), f"set_max_entries({name})")
+        size_inner(obj, LAYOUT.inner, 1)
         r = L.bpf_object__load(obj)
         if r < 0:
             return f"load: {_errno_text(-r)}"
@@ -437,7 +430,7 @@ class _State:
                 self.obj = None
 
 
-class TcpHealth:
+class TcpHealth(Loaded[_State]):
     """The loaded TCP health programs (see the module docstring).
 
     features: the features to enable (default all); a feature no alternative of which works is
@@ -446,6 +439,8 @@ class TcpHealth:
     max_entries: size of each of the two socket maps. netns_filter: namespace inodes to record
     (None: all). avoid: hook kinds never to use (HOOK_KINDS: "tp_btf", "raw_tp", "fentry"), for a
     node where one misbehaves; the next alternative is used."""
+
+    what = "TCP health"
 
     def __init__(
         self,
@@ -477,22 +472,13 @@ class TcpHealth:
             why = "; ".join(f"{p.name}: {p.detail}" for p in self.probes if not p.ok)
             raise EbpfError(f"TCP health: {', '.join(missing)} unavailable ({why})")
         L = lb.lib()
-        self._s = st = _State()
-        self._finalizer = weakref.finalize(self, st.close)
+        super().__init__(st := _State())
         try:
             st.obj = _open(self.path)
             progs = _select(st.obj, {h.program for alt in chosen.values() for h in alt})
-            maps = {n: lb.check(L.bpf_object__find_map_by_name(st.obj, n.encode()), f"map {n}") for n in MAPS}
-            for name in ("health_a", "health_b"):
-                lb.check(L.bpf_map__set_max_entries(maps[name], max_entries), f"set_max_entries({name})")
-            lb.check(L.bpf_object__load(st.obj), f"bpf_object__load({self.path})")
-            fds = {n: lb.check(L.bpf_map__fd(maps[n]), n) for n in MAPS}
-            self._inner_fds = [fds["health_a"], fds["health_b"]]
-            self._outer_fd = fds["health_maps"]
-            self._config_fd = fds["hl_config"]
-            self._allow_fd = fds["netns_allow"]
-            self._drops_fd = fds["drops"]
-            self._stats_fd = fds["stats"]
+            self._maps = SwapMaps.load(st.obj, LAYOUT, max_entries, coarse_now_ns, self.path)
+            self._config_fd = map_fd(st.obj, "hl_config")
+            self._allow_fd = map_fd(st.obj, "netns_allow")
             if netns_filter is not None:
                 self.set_netns_filter(netns_filter)
             self._prog_ids: set[int] = set()
@@ -507,39 +493,17 @@ class TcpHealth:
         except BaseException:
             self._finalizer()
             raise
-        self._ncpus = lb.num_possible_cpus()
-        self._active = 0  # health_a: the object's static initialisation of health_maps[0]
-        self._since_ns = coarse_now_ns()
-        self._keys: C.Array[C.c_char] | None = None
-        self._vals: C.Array[C.c_char] | None = None
-        self._last_drops = [0] * len(DROP_NAMES)
-        self._last_stats = [0] * len(STAT_NAMES)
         self._last_missed = dict.fromkeys(self.hooks, 0)
 
     # ---- lifecycle ---------------------------------------------------------------------------
-    def __enter__(self) -> TcpHealth:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         """Detach every program and unload. Idempotent."""
-        self._finalizer()
-
-    @property
-    def closed(self) -> bool:
-        return not self._finalizer.alive
+        super().close()
 
     @property
     def prog_ids(self) -> set[int]:
         """Kernel ids of the attached programs (gone from the kernel once closed)."""
         return set(self._prog_ids)
-
-    def _need_open(self) -> _State:
-        if self.closed:
-            raise EbpfError("TCP health is closed")
-        return self._s
 
     # ---- configuration -----------------------------------------------------------------------
     def set_netns_filter(self, inodes: Iterable[int] | None) -> None:
@@ -576,16 +540,6 @@ class TcpHealth:
                 lb.check(L.bpf_map_update_elem(self._config_fd, C.byref(zero), C.byref(on), 0), "config")
 
     # ---- reading -----------------------------------------------------------------------------
-    def _percpu(self, fd: int, n: int) -> list[int]:
-        L = lb.lib()
-        buf = C.create_string_buffer(8 * self._ncpus)
-        fmt = struct.Struct(f"={self._ncpus}Q")
-        out = []
-        for i in range(n):
-            lb.check(L.bpf_map_lookup_elem(fd, C.byref(C.c_uint32(i)), buf), "per-CPU counter lookup")
-            out.append(sum(fmt.unpack(buf.raw)))
-        return out
-
     def missed(self) -> dict[str, int]:
         """Per feature in use, since load: events the kernel did not run our program for because it
         was already running on that CPU (a tracepoint hit again from an interrupt while the
@@ -595,79 +549,21 @@ class TcpHealth:
             f: sum(int(_prog_info(fd).recursion_misses) for fd in fds) for f, fds in self._feature_fds.items()
         }
 
-    def counters(self) -> tuple[dict[str, int], dict[str, int]]:
-        """(drops, stats) since load, summed over CPUs."""
-        self._need_open()
-        return (
-            dict(zip(DROP_NAMES, self._percpu(self._drops_fd, len(DROP_NAMES)), strict=True)),
-            dict(zip(STAT_NAMES, self._percpu(self._stats_fd, len(STAT_NAMES)), strict=True)),
-        )
-
-    def _swap(self) -> int:
-        """Point the programs at the other map; return the index of the one to read. The
-        outer-map update returns after every running program finished (synchronize_rcu)."""
-        L = lb.lib()
-        new = 1 - self._active
-        lb.check(
-            L.bpf_map_update_elem(
-                self._outer_fd, C.byref(C.c_uint32(0)), C.byref(C.c_uint32(self._inner_fds[new])), 0
-            ),
-            "health map swap",
-        )
-        old, self._active = self._active, new
-        return old
-
-    def _read_delete(self, fd: int) -> int:
-        L = lb.lib()
-        cap = self.max_entries
-        if self._keys is None or self._vals is None:
-            self._keys = C.create_string_buffer(cap * KEY.size)
-            self._vals = C.create_string_buffer(cap * VAL.size)
-        kbase, vbase = C.addressof(self._keys), C.addressof(self._vals)
-        in_b, out_b = C.c_uint64(0), C.c_uint64(0)
-        opts = lb.bpf_map_batch_opts(sz=C.sizeof(lb.bpf_map_batch_opts))
-        total, first = 0, True
-        while total < cap:
-            cnt = C.c_uint32(cap - total)
-            r = L.bpf_map_lookup_and_delete_batch(
-                fd,
-                None if first else C.byref(in_b),
-                C.byref(out_b),
-                kbase + total * KEY.size,
-                vbase + total * VAL.size,
-                C.byref(cnt),
-                C.byref(opts),
-            )
-            if r < 0 and r != -errno.ENOENT:
-                lb.check(r, "bpf_map_lookup_and_delete_batch")
-            total += cnt.value
-            if r == -errno.ENOENT:  # the last batch: its entries (count may be > 0) are valid
-                break
-            in_b.value, first = out_b.value, False
-        return total
-
     def drain(self) -> HealthDrain:
         """Every socket with events since the previous drain (then forgotten), and the loss counters."""
         st = self._need_open()
         with st.lock:
-            t0 = time.perf_counter()
-            old = self._swap()
-            until = coarse_now_ns()
-            n = self._read_delete(self._inner_fds[old])
-            assert self._keys is not None and self._vals is not None
-            sockets = parse_entries(self._keys.raw, self._vals.raw, n)
-            drops = self._percpu(self._drops_fd, len(DROP_NAMES))
-            stats = self._percpu(self._stats_fd, len(STAT_NAMES))
+            g = self._maps.take()
+            sockets = parse_entries(g.keys, g.vals, g.n)
             missed = self.missed()
             d = HealthDrain(
                 sockets=sockets,
-                drops={k: a - b for k, a, b in zip(DROP_NAMES, drops, self._last_drops, strict=True)},
-                stats={k: a - b for k, a, b in zip(STAT_NAMES, stats, self._last_stats, strict=True)},
-                since_ns=self._since_ns,
-                until_ns=until,
-                read_seconds=time.perf_counter() - t0,
+                drops=g.drops,
+                stats=g.stats,
+                since_ns=g.since_ns,
+                until_ns=g.until_ns,
+                read_seconds=time.perf_counter() - g.started,
                 missed={f: n - self._last_missed[f] for f, n in missed.items()},
             )
-            self._last_drops, self._last_stats, self._since_ns = drops, stats, until
             self._last_missed = missed
             return d

@@ -38,7 +38,8 @@ drain() points the slot at the other (empty) map; the kernel's map-in-map update
 running program (synchronize_rcu), so the old map is then quiescent and is read and emptied with
 bpf_map_lookup_and_delete_batch. No increment can land between the read and the delete (which a
 lookup_and_delete_batch on a live map cannot promise: programs add through a pointer, outside the
-bucket lock), so per-interval deltas add up exactly.
+bucket lock), so per-interval deltas add up exactly. (maps.py: the machinery, shared with the TCP
+health loader.)
 """
 
 from __future__ import annotations
@@ -59,10 +60,11 @@ import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Generic, NamedTuple, Protocol, Self, TypeVar
 
 from otelflow.ebpf import libbpf as lb
 from otelflow.ebpf import tcnl
+from otelflow.ebpf.maps import Layout, SwapMaps, map_fd
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,9 @@ IFACE_COVERED = 2  # FL_IFACE_COVERED: a bridge whose ports all count at ingress
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK, TCP_URG, TCP_ECE, TCP_CWR = (1 << i for i in range(8))
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
+# the drain maps (maps.py); flows_a: the object's static initialisation of flow_maps[0]
+LAYOUT = Layout("flow", ("flows_a", "flows_b"), "flow_maps", KEY, VAL, DROP_NAMES, STAT_NAMES)
+
 
 class FlowCount(NamedTuple):
     """One flow's counters for one drain interval (fields of flow_key then flow_val)."""
@@ -120,18 +125,19 @@ class FlowCount(NamedTuple):
 
     @property
     def src_ip(self) -> str:
-        return _ip_str(self.family, self.saddr)
+        return ip_str(self.family, self.saddr)
 
     @property
     def dst_ip(self) -> str:
-        return _ip_str(self.family, self.daddr)
+        return ip_str(self.family, self.daddr)
 
     def tuple5(self) -> tuple[str, str, int, int, int]:
         """(src ip, dst ip, sport, dport, proto) with addresses as strings."""
         return (self.src_ip, self.dst_ip, self.sport, self.dport, self.proto)
 
 
-def _ip_str(family: int, addr: bytes) -> str:
+def ip_str(family: int, addr: bytes) -> str:
+    """A 16-byte key address (IPv4 as ::ffff:a.b.c.d) as a string of its family (4 | 6)."""
     if family == 4:
         return socket.inet_ntop(socket.AF_INET, addr[12:])
     return socket.inet_ntop(socket.AF_INET6, addr)
@@ -248,6 +254,47 @@ class EbpfError(RuntimeError):
     """The flow counter cannot be set up or used; the message says what and why."""
 
 
+S = TypeVar("S", bound=_Closable)
+
+
+class Loaded(Generic[S]):
+    """The lifecycle of a loaded BPF object (FlowCounter, health.TcpHealth): its kernel resources
+    are in a state object that close() releases, also on exceptions (context manager), at
+    interpreter exit and on garbage collection (a finalizer holds the state, not the object).
+    Its drain maps (maps.py) are in ``_maps``."""
+
+    what = "BPF object"  # the subject of "... is closed"
+    _maps: SwapMaps
+
+    def __init__(self, state: S) -> None:
+        self._s = state
+        self._finalizer = weakref.finalize(self, state.close)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release everything. Idempotent."""
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def _need_open(self) -> S:
+        if self.closed:
+            raise EbpfError(f"{self.what} is closed")
+        return self._s
+
+    def counters(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(drops, stats) since load, summed over CPUs."""
+        self._need_open()
+        return self._maps.counters()
+
+
 class _State:
     """Everything close() needs, kept apart from FlowCounter so a finalizer can hold it."""
 
@@ -343,8 +390,10 @@ def _detach(st: _State, ifindex: int) -> None:
     del st.attachments[ifindex]
 
 
-class FlowCounter:
+class FlowCounter(Loaded[_State]):
     """The loaded TC flow counter of one network namespace. See the module docstring."""
+
+    what = "flow counter"
 
     def __init__(
         self,
@@ -358,53 +407,24 @@ class FlowCounter:
         L = lb.lib()
         self.path = str(path or DEFAULT_OBJECT)
         self.max_entries = max_entries
-        self._s = st = _State()
-        self._finalizer = weakref.finalize(self, st.close)
+        super().__init__(st := _State())
         try:
             st.ns = tcnl.NetnsFd(netns)
             obj = L.bpf_object__open_file(self.path.encode(), None)
             st.obj = lb.check(obj, f"bpf_object__open_file({self.path})")
-            maps = {n: self._map(n) for n in ("flows_a", "flows_b", "flow_maps", "ifaces", "drops", "stats")}
-            for name in ("flows_a", "flows_b"):
-                lb.check(L.bpf_map__set_max_entries(maps[name], max_entries), f"set_max_entries({name})")
-            lb.check(L.bpf_object__load(st.obj), f"bpf_object__load({self.path})")
-            self._inner_fds = [lb.check(L.bpf_map__fd(maps[n]), n) for n in ("flows_a", "flows_b")]
-            self._outer_fd = lb.check(L.bpf_map__fd(maps["flow_maps"]), "flow_maps")
-            st.ifaces_fd = lb.check(L.bpf_map__fd(maps["ifaces"]), "ifaces")
-            self._drops_fd = lb.check(L.bpf_map__fd(maps["drops"]), "drops")
-            self._stats_fd = lb.check(L.bpf_map__fd(maps["stats"]), "stats")
+            self._maps = SwapMaps.load(st.obj, LAYOUT, max_entries, coarse_now_ns, self.path)
+            st.ifaces_fd = map_fd(st.obj, "ifaces")
             for prog in (PROG_INGRESS, PROG_EGRESS):
                 p = lb.check(L.bpf_object__find_program_by_name(st.obj, prog.encode()), f"program {prog}")
                 st.prog_fds[prog] = lb.check(L.bpf_program__fd(p), f"bpf_program__fd({prog})")
         except BaseException:
             self._finalizer()
             raise
-        self._ncpus = lb.num_possible_cpus()
-        self._active = 0  # flows_a: the object's static initialisation of flow_maps[0]
-        self._since_ns = coarse_now_ns()
-        self._keys: C.Array[C.c_char] | None = None
-        self._vals: C.Array[C.c_char] | None = None
-        self._last_drops = [0] * len(DROP_NAMES)
-        self._last_stats = [0] * len(STAT_NAMES)
-
-    def _map(self, name: str) -> int:
-        L = lb.lib()
-        return lb.check(L.bpf_object__find_map_by_name(self._s.obj, name.encode()), f"map {name}")
 
     # ---- lifecycle ---------------------------------------------------------------------------------
-    def __enter__(self) -> FlowCounter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         """Detach everything (only our filters; our clsact if empty) and unload. Idempotent."""
-        self._finalizer()
-
-    @property
-    def closed(self) -> bool:
-        return not self._finalizer.alive
+        super().close()
 
     @property
     def attachments(self) -> dict[int, Attachment]:
@@ -413,11 +433,6 @@ class FlowCounter:
     @property
     def prog_ids(self) -> set[int]:
         return set(self._s.prog_ids)
-
-    def _need_open(self) -> _State:
-        if self.closed:
-            raise EbpfError("flow counter is closed")
-        return self._s
 
     # ---- attach ------------------------------------------------------------------------------------
     def _resolve(self, interface: str | int) -> tuple[int, str]:
@@ -577,94 +592,20 @@ class FlowCounter:
             return True
 
     # ---- reading -----------------------------------------------------------------------------------
-    def _percpu(self, fd: int, n: int) -> list[int]:
-        L = lb.lib()
-        buf = C.create_string_buffer(8 * self._ncpus)
-        out = []
-        fmt = struct.Struct(f"={self._ncpus}Q")
-        for i in range(n):
-            lb.check(L.bpf_map_lookup_elem(fd, C.byref(C.c_uint32(i)), buf), "per-CPU counter lookup")
-            out.append(sum(fmt.unpack(buf.raw)))
-        return out
-
-    def counters(self) -> tuple[dict[str, int], dict[str, int]]:
-        """(drops, stats) since load, summed over CPUs."""
-        self._need_open()
-        return (
-            dict(zip(DROP_NAMES, self._percpu(self._drops_fd, len(DROP_NAMES)), strict=True)),
-            dict(zip(STAT_NAMES, self._percpu(self._stats_fd, len(STAT_NAMES)), strict=True)),
-        )
-
-    def _swap(self) -> int:
-        """Point the program at the other flow map; return the index of the one to read. The
-        outer-map update returns only after every running program finished (synchronize_rcu)."""
-        L = lb.lib()
-        new = 1 - self._active
-        lb.check(
-            L.bpf_map_update_elem(
-                self._outer_fd, C.byref(C.c_uint32(0)), C.byref(C.c_uint32(self._inner_fds[new])), 0
-            ),
-            "flow map swap",
-        )
-        old, self._active = self._active, new
-        return old
-
-    def _read_delete(self, fd: int) -> int:
-        """Read and empty one (quiescent) flow map into the key/value buffers; return the count."""
-        L = lb.lib()
-        cap = self.max_entries
-        if self._keys is None or self._vals is None:
-            self._keys = C.create_string_buffer(cap * KEY.size)
-            self._vals = C.create_string_buffer(cap * VAL.size)
-        kbase, vbase = C.addressof(self._keys), C.addressof(self._vals)
-        in_b, out_b = C.c_uint64(0), C.c_uint64(0)
-        opts = lb.bpf_map_batch_opts(sz=C.sizeof(lb.bpf_map_batch_opts))
-        total, first = 0, True
-        while total < cap:
-            cnt = C.c_uint32(cap - total)
-            r = L.bpf_map_lookup_and_delete_batch(
-                fd,
-                None if first else C.byref(in_b),
-                C.byref(out_b),
-                kbase + total * KEY.size,
-                vbase + total * VAL.size,
-                C.byref(cnt),
-                C.byref(opts),
-            )
-            if r < 0 and r != -errno.ENOENT:
-                lb.check(r, "bpf_map_lookup_and_delete_batch")
-            total += cnt.value
-            if r == -errno.ENOENT:  # the last batch: its entries (count may be > 0) are valid
-                break
-            in_b.value, first = out_b.value, False
-        return total
-
     def drain(self) -> Drain:
         """Every flow counted since the previous drain (then forgotten), and the loss counters."""
         st = self._need_open()
         with st.lock:
-            t0 = time.perf_counter()
-            old = self._swap()
-            until = coarse_now_ns()
-            t1 = time.perf_counter()
-            n = self._read_delete(self._inner_fds[old])
-            assert self._keys is not None and self._vals is not None
-            flows = parse_entries(memoryview(self._keys), memoryview(self._vals), n)
-            drops, stats = (
-                self._percpu(self._drops_fd, len(DROP_NAMES)),
-                self._percpu(self._stats_fd, len(STAT_NAMES)),
+            g = self._maps.take()
+            return Drain(
+                flows=parse_entries(g.keys, g.vals, g.n),
+                drops=g.drops,
+                stats=g.stats,
+                since_ns=g.since_ns,
+                until_ns=g.until_ns,
+                swap_seconds=g.swap_seconds,
+                read_seconds=time.perf_counter() - g.swapped,
             )
-            d = Drain(
-                flows=flows,
-                drops={k: a - b for k, a, b in zip(DROP_NAMES, drops, self._last_drops, strict=True)},
-                stats={k: a - b for k, a, b in zip(STAT_NAMES, stats, self._last_stats, strict=True)},
-                since_ns=self._since_ns,
-                until_ns=until,
-                swap_seconds=t1 - t0,
-                read_seconds=time.perf_counter() - t1,
-            )
-            self._last_drops, self._last_stats, self._since_ns = drops, stats, until
-            return d
 
     # ---- benchmarks and tests ------------------------------------------------------------------------
     def test_run(
@@ -699,17 +640,30 @@ class FlowCounter:
     def fill(self, keys: bytes, values: bytes) -> int:
         """Insert flow entries into the active map with one bpf_map_update_batch (benchmarks)."""
         self._need_open()
-        n = len(keys) // KEY.size
-        if len(values) != n * VAL.size:
-            raise ValueError("fill: keys and values differ in count")
-        L = lb.lib()
-        cnt = C.c_uint32(n)
-        opts = lb.bpf_map_batch_opts(sz=C.sizeof(lb.bpf_map_batch_opts))
-        lb.check(
-            L.bpf_map_update_batch(self._inner_fds[self._active], keys, values, C.byref(cnt), C.byref(opts)),
-            "bpf_map_update_batch",
-        )
-        return cnt.value
+        return self._maps.fill(keys, values)
+
+    # bench/ebpf_overhead.py times the read without the parse, and a read of the live map, with these
+    def _swap(self) -> int:
+        return self._maps.swap()
+
+    def _read_delete(self, fd: int) -> int:
+        return self._maps.read_delete(fd)
+
+    @property
+    def _inner_fds(self) -> list[int]:
+        return self._maps.inner_fds
+
+    @property
+    def _active(self) -> int:
+        return self._maps.active
+
+    @property
+    def _keys(self) -> C.Array[C.c_char] | None:
+        return self._maps.keys
+
+    @property
+    def _vals(self) -> C.Array[C.c_char] | None:
+        return self._maps.vals
 
 
 def close_on_signals(
