@@ -26,6 +26,7 @@ FIN both ways, or after ``idle_timeout`` seconds without a packet.
 from __future__ import annotations
 
 import itertools
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -38,6 +39,13 @@ TCP = 6
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 EPHEMERAL_MIN = 32768  # Linux ip_local_port_range default start
 GRACE_POLLS = 3  # an ended conntrack flow still claims its keys this long (late packets)
+
+
+def one_way_key(proto: int, family: int, src: bytes, dst: bytes, sport: int, dport: int) -> DirKey:
+    """A DirKey from the programs' 16-byte addresses (IPv4 as ::ffff:a.b.c.d, conntrack's 4 bytes)."""
+    if family == 4:
+        return (proto, src[12:], dst[12:], sport, dport)
+    return (proto, src, dst, sport, dport)
 
 
 def mirror(k: DirKey) -> DirKey:
@@ -248,7 +256,7 @@ class LoneFlows:
     def _record(self, f: _Lone) -> FlowDelta:
         ca, cp = f.client
         sa, sp = f.server
-        af = 2 if f.family == 4 else 10  # AF_INET / AF_INET6
+        af = socket.AF_INET if f.family == 4 else socket.AF_INET6
         client, server = self._ntop(af, ca), self._ntop(af, sa)
         state = None
         if f.proto == TCP:

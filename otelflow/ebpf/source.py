@@ -36,7 +36,7 @@ from otelflow.config import SourceConfig
 from otelflow.conntrack.source import ConntrackSource, ConntrackUnavailable
 from otelflow.conntrack.tracker import FlowTracker, entry_delta
 from otelflow.ebpf.health import SocketHealth, TcpHealth
-from otelflow.ebpf.join import C2S, ConntrackIndex, Count, DirKey, LoneFlows, id_source
+from otelflow.ebpf.join import C2S, ConntrackIndex, Count, DirKey, LoneFlows, id_source, one_way_key
 from otelflow.ebpf.links import Link, LinkWatcher
 from otelflow.ebpf.loader import EbpfError, FlowCount, FlowCounter, mono_to_unix_ns
 from otelflow.flow import FlowDelta
@@ -77,12 +77,8 @@ def _unix(mono_ns: int) -> float:
 
 
 def to_count(c: FlowCount) -> Count:
-    if c.family == 4:
-        src, dst = c.saddr[12:], c.daddr[12:]
-    else:
-        src, dst = c.saddr, c.daddr
     return Count(
-        (c.proto, src, dst, c.sport, c.dport),
+        one_way_key(c.proto, c.family, c.saddr, c.daddr, c.sport, c.dport),
         c.family,
         c.packets,
         c.bytes,
@@ -301,24 +297,25 @@ class EbpfSource:
         acc: dict[str, list[float]] = {}  # fid -> bytes c2s, pkts c2s, bytes s2c, pkts s2c, last seen
         lone: list[Count] = []
         defer = self.conntrack is not None and not final
-        for c, retried in [(c, True) for c in retry] + [(c, False) for c in counts]:
-            hit = index.lookup(c.key)
-            if hit is None:
-                if defer and not retried:
-                    # the drain may precede conntrack's confirmation of a new entry: one more poll
-                    self._deferred.append(c)
-                else:
-                    lone.append(c)
-                continue
-            fid, direction = hit
-            a = acc.get(fid)
-            if a is None:
-                a = acc[fid] = [0, 0, 0, 0, 0.0]
-            i = 0 if direction == C2S else 2
-            a[i] += c.bytes
-            a[i + 1] += c.packets
-            a[4] = max(a[4], c.last_seen)
-            self.stats.matched += 1
+        for retried, batch in ((True, retry), (False, counts)):
+            for c in batch:
+                hit = index.lookup(c.key)
+                if hit is None:
+                    if defer and not retried:
+                        # the drain may precede conntrack's confirmation of a new entry: one more poll
+                        self._deferred.append(c)
+                    else:
+                        lone.append(c)
+                    continue
+                fid, direction = hit
+                a = acc.get(fid)
+                if a is None:
+                    a = acc[fid] = [0, 0, 0, 0, 0.0]
+                i = 0 if direction == C2S else 2
+                a[i] += c.bytes
+                a[i + 1] += c.packets
+                a[4] = max(a[4], c.last_seen)
+                self.stats.matched += 1
         out: list[FlowDelta] = []
         for dl in ct_deltas:  # conntrack's own lifecycle (opened/closed/state) with eBPF's counters
             a = acc.pop(dl.flow_id, None)
@@ -380,6 +377,4 @@ class EbpfSource:
 
 def health_key(sh: SocketHealth) -> DirKey:
     """The one-way key of what a socket sends: local -> remote, as the TC programs key packets."""
-    if sh.family == 4:
-        return (6, sh.laddr[12:], sh.raddr[12:], sh.lport, sh.rport)
-    return (6, sh.laddr, sh.raddr, sh.lport, sh.rport)
+    return one_way_key(6, sh.family, sh.laddr, sh.raddr, sh.lport, sh.rport)

@@ -65,6 +65,11 @@ def totals(recs: list[dict[str, Any]]) -> tuple[int, int, int, int]:
     )
 
 
+def endpoint_nodes(lab: Lab, r: FlowResult) -> list[str]:
+    """The nodes a generator flow's client and answering server run on (external hosts have none)."""
+    return sorted({n for n in (lab.endpoint(r.spec.client).node, lab.endpoint(r.server_endpoint).node) if n})
+
+
 def truth(r: FlowResult) -> tuple[int, int, int, int]:
     return (r.up_l3_bytes, r.up_l3_packets, r.down_l3_bytes, r.down_l3_packets)
 

@@ -78,13 +78,8 @@ class NamespaceRelay:
     @staticmethod
     def _pump(src: socket.socket, dst: socket.socket, done: threading.Barrier) -> None:
         try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
+            pump(src, dst)
         finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
             with contextlib.suppress(threading.BrokenBarrierError):
                 done.wait()  # the second direction to finish closes both sockets
 
@@ -105,3 +100,15 @@ class NamespaceRelay:
         for s in socks:
             with contextlib.suppress(OSError):
                 s.close()
+
+
+def pump(src: socket.socket, dst: socket.socket) -> None:
+    """Copy one direction of a relayed connection until its end, then half-close the other side."""
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)

@@ -28,6 +28,7 @@ from otelflow.k8s.client import KubeClient, kubeconfig_config
 from otelflow.netlab import ns as nsu
 from otelflow.netlab.agents import agents
 from otelflow.netlab.lab import Lab
+from otelflow.netlab.relay import pump
 from otelflow.netlab.topology import demo_topology
 from otelflow.netlab.traffic import FlowResult, FlowSpec, TrafficGenerator
 from otelflow.testing.kubeapi import KubeAPI
@@ -100,19 +101,8 @@ class NetnsSocksProxy:
                 conn.close()
                 return
             conn.sendall(b"\x05\x00\x00\x01" + bytes(6))
-            threading.Thread(target=self._pump, args=(conn, up), daemon=True).start()
-            self._pump(up, conn)
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
+            threading.Thread(target=pump, args=(conn, up), daemon=True).start()
+            pump(up, conn)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

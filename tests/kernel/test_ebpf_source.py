@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from otelflow.netlab import ns as nsu
-from otelflow.netlab.agents import AgentRun, agents, totals, truth
+from otelflow.netlab.agents import AgentRun, agents, endpoint_nodes, totals, truth
 from otelflow.netlab.lab import Lab
 from otelflow.netlab.topology import NodeSpec, PodSpec, ServiceSpec, Topology, demo_topology
 from otelflow.netlab.traffic import FlowResult, FlowSpec, TrafficGenerator
@@ -101,12 +101,6 @@ def scenario_run() -> Iterator[
         yield lab, by_name, runs, {**{f"metrics:{k}": v for k, v in scraped.items()}, **left}
 
 
-def expected_nodes(lab: Lab, r: FlowResult, nodes: list[str] | None) -> list[str]:
-    if nodes is not None:
-        return nodes
-    return sorted({n for n in (lab.endpoint(r.spec.client).node, lab.endpoint(r.server_endpoint).node) if n})
-
-
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_each_flow_is_exact_and_one_flow_per_node(scenario_run: Any, name: str, family: int) -> None:
@@ -114,7 +108,7 @@ def test_each_flow_is_exact_and_one_flow_per_node(scenario_run: Any, name: str, 
     r: FlowResult = by_name[(name, family)]
     assert r.ok, r.error
     client, server, proto, nodes = SCENARIOS[name]
-    seen_on = expected_nodes(lab, r, nodes)
+    seen_on = nodes if nodes is not None else endpoint_nodes(lab, r)
     for node in NODES:
         recs = runs[node].flows_of(r)
         if node not in seen_on:
