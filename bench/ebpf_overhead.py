@@ -2,11 +2,12 @@
 """Benchmark: what the TC flow counter costs the datapath, and how fast its map drains.
 
 Run as root: ``python bench/ebpf_overhead.py [--rounds 5] [--seconds 3] [--offloads off,on]
-[--entries 100000] [--race] [--json]``.
+[--entries 100000] [--attach auto|tcx|tc] [--race] [--json]``.
 
 1. **Throughput.** A netlab node with two pods on its bridge; iperf3 TCP from pod a to pod b for
    ``--seconds`` per round, alternating rounds *bare* and *attached* (the counter on the host side
-   of both pod veths, ingress and egress, the bridge covered: the agent's setup), A B A B ...
+   of both pod veths, ingress and egress, the bridge covered: the agent's setup, with the attach
+   backend of ``--attach``: auto = tcx where the kernel has it, else cls_bpf), A B A B ...
    Reported: the median throughput of each, and the median of the per-pair ratios attached/bare
    (target >= 0.95); and, from one more attached round with the kernel's own per-program
    statistics on (BPF_ENABLE_STATS, only while the benchmark holds its fd, never during the timed
@@ -80,13 +81,16 @@ def iperf_round(lab: Lab, seconds: float) -> float:
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"])
 
 
-def throughput(offloads: bool, rounds: int, seconds: float) -> dict[str, Any]:
+def throughput(offloads: bool, rounds: int, seconds: float, attach: str = "auto") -> dict[str, Any]:
     topo = Topology(
         nodes=(NodeSpec("n1"),), pods=(PodSpec("a", "n1"), PodSpec("b", "n1")), ipv6=False, offloads=offloads
     )
     bare: list[float] = []
     attached: list[float] = []
-    with Lab(topo) as lab, FlowCounter(netns=f"{nsu.NETNS_RUN_DIR}/{lab.node_netns('n1')}") as fc:
+    with (
+        Lab(topo) as lab,
+        FlowCounter(netns=f"{nsu.NETNS_RUN_DIR}/{lab.node_netns('n1')}", attach_mode=attach) as fc,
+    ):
         srv = iperf_server(lab)
         packets = 0
 
@@ -131,6 +135,7 @@ def throughput(offloads: bool, rounds: int, seconds: float) -> dict[str, Any]:
     run_ns, run_cnt = after[0] - before[0], after[1] - before[1]
     return {
         "offloads": offloads,
+        "attach": fc.attach_mode,
         "bare_gbps": statistics.median(bare) / 1e9,
         "attached_gbps": statistics.median(attached) / 1e9,
         "ratio": statistics.median(ratios),
@@ -249,6 +254,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--offloads", default="off,on", help="comma list of off,on")
     ap.add_argument("--entries", type=int, default=100_000)
+    ap.add_argument("--attach", default="auto", choices=["auto", "tcx", "tc"], help="TC attach backend")
     ap.add_argument("--race", action="store_true", help="also measure the in-place drain race")
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = ap.parse_args()
@@ -261,7 +267,7 @@ def main() -> int:
             f"throughput, offloads {setting} ({args.rounds} x {args.seconds:g} s each, alternating):",
             flush=True,
         )
-        res["throughput"].append(throughput(setting == "on", args.rounds, args.seconds))
+        res["throughput"].append(throughput(setting == "on", args.rounds, args.seconds, args.attach))
     print(f"drain at {args.entries:,} entries:", flush=True)
     res["drain"] = drain_rate(args.entries, args.rounds)
     if args.race:
@@ -269,7 +275,8 @@ def main() -> int:
         res["race"] = race(1_000_000, 3)
     for t in res["throughput"]:
         print(
-            f"throughput offloads {'on' if t['offloads'] else 'off'}: bare {t['bare_gbps']:.2f} Gbit/s, "
+            f"throughput offloads {'on' if t['offloads'] else 'off'} (attach {t['attach']}): "
+            f"bare {t['bare_gbps']:.2f} Gbit/s, "
             f"attached {t['attached_gbps']:.2f} Gbit/s, median pair ratio {t['ratio']:.3f} (target >= 0.95); "
             f"programs (one more round, statistics on): {t['prog_runs']:,} runs, "
             f"{t['prog_ns_per_run']:.0f} ns each, {t['prog_cpu_seconds'] / t['stats_seconds']:.1%} of one CPU"

@@ -10,7 +10,9 @@ Aggregator.add at workload level (count-once, every metric) + snapshot + Metrics
 the ExportMetricsServiceRequest / ExportLogsServiceRequest bytes, split under the 3 MiB limit.
 otelflow "export" CPU is then the same requests through the agent's exporter as configured by
 default (gRPC, gzip: grpc core compresses with zlib's default level 6) to a loopback gRPC sink in
-another process (its CPU is not counted); "gzip -6" / "gzip -1" are zlib alone on the same bytes,
+another process (its CPU is not counted), and through the README's alternatives: gRPC without
+compression, and OTLP/HTTP with gzip at level 1 (export.otlp.compression_level's default) to a
+loopback HTTP sink (in the sink's process too); "gzip -6" / "gzip -1" are zlib alone on the same bytes,
 for reference. Two intervals are timed: the first (every series and flow new: cold) and the second
 (the same flows with new deltas: the steady state after the first interval, reported as "warm").
 SDK path: Counter.add per flow (bytes, packets, connections) with the same attribute sets, then
@@ -19,7 +21,10 @@ emit per flow + SimpleLogRecordProcessor into memory + encode_logs (no transport
 encode with encode).
 
 Usage: python bench/otlp_encode.py [--flows 100000] [--rounds 3] [--shape realistic|unique]
-[--no-sdk]. Prints per round and as medians: CPU seconds per path, the ratio SDK/otelflow (> 1:
+[--source conntrack|ebpf] [--no-sdk]. ``--source ebpf`` gives the flows what the eBPF source gives
+them: TCP health on every flow (retransmits and resets per direction, mostly 0; an RTT sample per
+direction on most flows: the sockets that sent in the interval) and a last_seen per flow (the time
+of its last packet, where conntrack flows share the poll's time). Prints per round and as medians: CPU seconds per path, the ratio SDK/otelflow (> 1:
 otelflow is cheaper), points/s, records/s, bytes with and without gzip, peak RSS. Needs
 opentelemetry-sdk and opentelemetry-exporter-otlp-proto-common (benchmark only).
 """
@@ -47,7 +52,9 @@ from otelflow.meta.model import Peer, ServiceMeta
 RESOURCE = [("service.name", "otelflow"), ("k8s.node.name", "node-1"), ("k8s.cluster.name", "bench")]
 
 
-def make_flows(n: int, seed: int = 7, shape: str = "realistic") -> list[DecoratedFlow]:
+def make_flows(
+    n: int, seed: int = 7, shape: str = "realistic", source: str = "conntrack"
+) -> list[DecoratedFlow]:
     """n flows in 30 namespaces and 3 zones.
 
     realistic: 2,500 pods of 250 workloads; each workload calls 3 fixed dependencies on fixed ports
@@ -55,8 +62,22 @@ def make_flows(n: int, seed: int = 7, shape: str = "realistic") -> list[Decorate
     unique: ~n/4 pods of ~n/20 workloads talking at random: nearly every flow its own attribute set
     (the worst case for any aggregator)."""
     r = random.Random(seed)
-    if shape == "realistic":
-        return _service_graph(n, r)
+    flows = _service_graph(n, r) if shape == "realistic" else _unique(n, r)
+    if source == "ebpf":
+        for d in flows:
+            f = d.flow
+            f.source = "ebpf"
+            f.last_seen = 2.0 - r.random() * 0.5  # each flow's last packet
+            lossy = r.random() < 0.05
+            f.retransmits_c2s = r.randint(1, 40) if lossy else 0
+            f.retransmits_s2c = r.randint(0, 5) if lossy else 0
+            f.resets_c2s, f.resets_s2c = 0, int(f.closed and r.random() < 0.1)
+            f.rtt_us_c2s = r.randint(40, 20_000) if r.random() < 0.9 else None
+            f.rtt_us_s2c = r.randint(40, 20_000) if r.random() < 0.9 else None
+    return flows
+
+
+def _unique(n: int, r: random.Random) -> list[DecoratedFlow]:
     zones = ["eu-west-1a", "eu-west-1b", "eu-west-1c"]
     nss = [f"team-{i}" for i in range(30)]
     kinds = ["Deployment", "StatefulSet", "DaemonSet", "Job"]
@@ -142,17 +163,23 @@ def run_otelflow(flows: list[DecoratedFlow], sink: str) -> dict[str, float]:
         c3 = time.process_time()
         out[f"{interval}_cpu"] = c3 - c0
         out[f"{interval}_parts"] = [c1 - c0, c2 - c1, c3 - c2]  # type: ignore[assignment]
-    if sink:  # the warm interval's requests through the agent's exporter, as configured by default
-        exporter = OtlpExporter(OtlpConfig(endpoint=sink), max_queue_bytes=1 << 30)
-        e0 = time.process_time()
-        exporter.submit(items)
-        exporter.submit(logs)
-        if not exporter.flush(300):
-            raise SystemExit("the loopback sink did not take every request")
-        out["warm_export_cpu"] = time.process_time() - e0
-        exporter.close()
-        if exporter.stats.sent_items != sum(i.count for i in items + logs):
-            raise SystemExit(f"exporter lost items: {exporter.stats}")
+    if sink:  # the warm interval's requests through the agent's exporter: as configured by default
+        grpc_url, http_url = sink.split(",")  # (gRPC, gzip in grpc core), and the README's alternatives
+        for key, cfg in (
+            ("warm_export_cpu", OtlpConfig(endpoint=grpc_url)),
+            ("export_grpc_none_cpu", OtlpConfig(endpoint=grpc_url, compression="none")),
+            ("export_http_gzip1_cpu", OtlpConfig(endpoint=http_url, protocol="http/protobuf")),
+        ):
+            exporter = OtlpExporter(cfg, max_queue_bytes=1 << 30)
+            e0 = time.process_time()
+            exporter.submit(items)
+            exporter.submit(logs)
+            if not exporter.flush(300):
+                raise SystemExit("the loopback sink did not take every request")
+            out[key] = time.process_time() - e0
+            exporter.close()
+            if exporter.stats.sent_items != sum(i.count for i in items + logs):
+                raise SystemExit(f"exporter lost items: {exporter.stats}")
     bodies = [i.body for i in items + logs]
     c = time.process_time()
     gz6 = [len(gzip.compress(i.body, 6)) for i in items + logs]
@@ -251,8 +278,8 @@ def run_sdk(flows: list[DecoratedFlow]) -> dict[str, float]:
     }
 
 
-def child(path: str, n: int, shape: str, sink: str) -> None:
-    flows = make_flows(n, shape=shape)
+def child(path: str, n: int, shape: str, sink: str, source: str = "conntrack") -> None:
+    flows = make_flows(n, shape=shape, source=source)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     res = run_otelflow(flows, sink) if path == "otelflow" else run_sdk(flows)
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -261,16 +288,28 @@ def child(path: str, n: int, shape: str, sink: str) -> None:
 
 
 SINK = """
-import sys, time
+import sys, threading, time
 from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import grpc
+class Http(BaseHTTPRequestHandler):  # answers every OTLP/HTTP POST with 200 and an empty body
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+h = ThreadingHTTPServer(("127.0.0.1", 0), Http)
+threading.Thread(target=h.serve_forever, daemon=True).start()
 class Sink(grpc.GenericRpcHandler):  # answers every Export with an empty (full success) response
     def service(self, details):
         return grpc.unary_unary_rpc_method_handler(
             lambda req, ctx: b"", request_deserializer=None, response_serializer=None)
 s = grpc.server(futures.ThreadPoolExecutor(2), handlers=[Sink()],
                 options=[("grpc.max_receive_message_length", 64 << 20)])
-print(s.add_insecure_port("127.0.0.1:0"), flush=True)
+print(s.add_insecure_port("127.0.0.1:0"), h.server_address[1], flush=True)
 s.start()
 sys.stdin.read()  # until the benchmark closes our stdin
 """
@@ -285,19 +324,21 @@ def main() -> None:
     ap.add_argument("--flows", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--child", choices=["otelflow", "sdk"])
-    ap.add_argument("--sink", default="", help="(child) gRPC sink URL; empty: no export")
+    ap.add_argument("--sink", default="", help="(child) gRPC and HTTP sink URLs; empty: no export")
     ap.add_argument("--shape", choices=["realistic", "unique"], default="realistic")
+    ap.add_argument("--source", choices=["conntrack", "ebpf"], default="conntrack")
     ap.add_argument("--no-sdk", action="store_true", help="only the otelflow path (no ratio)")
     a = ap.parse_args()
     if a.child:
-        child(a.child, a.flows, a.shape, a.sink)
+        child(a.child, a.flows, a.shape, a.sink, a.source)
         return
     sink = subprocess.Popen(
         [sys.executable, "-c", SINK], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
         assert sink.stdout is not None
-        url = f"http://127.0.0.1:{int(sink.stdout.readline())}"
+        grpc_port, http_port = sink.stdout.readline().split()
+        url = f"http://127.0.0.1:{int(grpc_port)},http://127.0.0.1:{int(http_port)}"
         results = run_rounds(a, url)
     finally:
         sink.communicate(timeout=10)  # closes its stdin: it exits
@@ -309,7 +350,8 @@ def run_rounds(a: argparse.Namespace, url: str) -> dict[str, list[dict[str, floa
     paths = ("otelflow",) if a.no_sdk else ("otelflow", "sdk")
     for rnd in range(a.rounds):
         for path in paths:  # A B A B ...: machine drift hits both
-            cmd = [sys.executable, __file__, "--child", path, "--flows", str(a.flows), "--shape", a.shape]
+            cmd = [sys.executable, __file__, "--child", path, "--flows", str(a.flows), "--shape", a.shape,
+                   "--source", a.source]  # fmt: skip
             out = subprocess.run(
                 [*cmd, "--sink", url if path == "otelflow" else ""],
                 capture_output=True, text=True, check=True,
@@ -328,7 +370,9 @@ def run_rounds(a: argparse.Namespace, url: str) -> dict[str, list[dict[str, floa
                 add, menc, lenc = r["warm_parts"]  # type: ignore[misc]
                 line += (
                     f"\n    warm: aggregate {add:.2f}s, metrics encode {menc:.2f}s, logs encode + "
-                    f"end_interval {lenc:.2f}s; export (gRPC+gzip) {r['warm_export_cpu']:.2f}s; "
+                    f"end_interval {lenc:.2f}s; export (gRPC+gzip) {r['warm_export_cpu']:.2f}s, "
+                    f"(gRPC, none) {r['export_grpc_none_cpu']:.2f}s, (HTTP, gzip -1) "
+                    f"{r['export_http_gzip1_cpu']:.2f}s; "
                     f"zlib alone: gzip -6 {r['gzip6_cpu']:.2f}s, gzip -1 {r['gzip1_cpu']:.2f}s "
                     f"({r['gzip1_bytes'] / 1e6:.2f} MB)"
                 )
@@ -340,13 +384,14 @@ def report(a: argparse.Namespace, results: dict[str, list[dict[str, float]]]) ->
     o = results["otelflow"]
     enc, exp = median(o, "cpu"), median(o, "warm_export_cpu")
     print(
-        f"RESULT shape={a.shape} flows={a.flows} rounds={a.rounds} (medians)\n"
+        f"RESULT shape={a.shape} source={a.source} flows={a.flows} rounds={a.rounds} (medians)\n"
         f"  otelflow encode (aggregate + metrics + one log record per flow), warm: {enc:.2f} s CPU "
         f"(least disturbed round {min(r['cpu'] for r in o):.2f} s; cold {median(o, 'cold_cpu'):.2f} s); "
         f"target <= 1 s: {'met' if enc <= 1.0 else 'NOT met'} by the median\n"
         f"  + export as configured by default (gRPC, gzip level 6 in grpc core): {exp:.2f} s -> "
         f"{enc + exp:.2f} s per interval; zlib alone on these bytes: gzip -6 {median(o, 'gzip6_cpu'):.2f} s, "
-        f"gzip -1 {median(o, 'gzip1_cpu'):.2f} s\n"
+        f"gzip -1 {median(o, 'gzip1_cpu'):.2f} s; export with gRPC, none: {median(o, 'export_grpc_none_cpu'):.2f} s, "
+        f"with HTTP, gzip -1: {median(o, 'export_http_gzip1_cpu'):.2f} s\n"
         f"  points/s {median(o, 'points') / enc:,.0f}  records/s {median(o, 'records') / enc:,.0f}  "
         f"wire: metrics {median(o, 'metric_bytes') / 1e6:.1f} MB (gzip -6 {median(o, 'metric_gzip') / 1e6:.2f} MB), "
         f"logs {median(o, 'log_bytes') / 1e6:.1f} MB (gzip -6 {median(o, 'log_gzip') / 1e6:.2f} MB), "

@@ -589,7 +589,7 @@ def tcp_health() -> dict[str, Any]:
         ),
         timeseries(
             "Mean RTT by sending workload",
-            "Sum of RTT samples / number of samples." + ebpf,
+            "Mean of the observations (each: a flow direction's latest smoothed RTT in one poll)." + ebpf,
             [
                 Target(
                     f"sum by ({src}) ({rate('otelflow_tcp_rtt_seconds_sum')})"
@@ -602,7 +602,7 @@ def tcp_health() -> dict[str, Any]:
         Panel(
             "heatmap",
             "RTT distribution",
-            "RTT samples per histogram bucket over time." + ebpf,
+            "RTT observations per histogram bucket over time (one per flow direction per poll)." + ebpf,
             [Target(f"sum by (le) ({rtt})", "{{le}}", fmt="heatmap")],
             unit="s",
             options={"calculate": False, "yAxis": {"unit": "s"}, "cellGap": 1},
@@ -660,8 +660,18 @@ def agent_health() -> dict[str, Any]:
         table(
             "Agents and their flow source",
             "One row per agent node: the flow source in use, the one requested (auto, ebpf, conntrack) "
-            "and why (requested, ebpf_ready, no_btf, bpf_denied, tc_attach_failed, ebpf_unavailable).",
+            "and why (requested, ebpf_ready, no_btf, bpf_denied, tc_attach_failed, tcx_attach_failed, "
+            "ebpf_unavailable).",
             Target(f"sum by (k8s_node_name, source, requested, reason) ({agent('otelflow_agent_source')})"),
+            "short",
+            w=24,
+        ),
+        table(
+            "eBPF attach backend by node",
+            "One row per agent node: how the eBPF source attaches its TC programs (tcx: links first in "
+            "each interface's tcx chain, Linux >= 6.6; tc: cls_bpf filters on clsact; none: the "
+            "conntrack source).",
+            Target(f"sum by (k8s_node_name, mode) ({agent('otelflow_agent_ebpf_attach')})"),
             "short",
             w=24,
         ),

@@ -84,7 +84,12 @@ class SourceSelectionError(RuntimeError):
 
 
 # why a source was chosen, as a label value (the full reason is logged and shown by `check`)
-REASON_CODES = {"kernel BTF": "no_btf", "bpf() permitted": "bpf_denied", "tc attach": "tc_attach_failed"}
+REASON_CODES = {
+    "kernel BTF": "no_btf",
+    "bpf() permitted": "bpf_denied",
+    "tc attach": "tc_attach_failed",
+    "tcx attach": "tcx_attach_failed",
+}
 
 
 def select_source(cfg: Config, requested: str, node: str) -> tuple[Source, str, str]:
@@ -96,7 +101,7 @@ def select_source(cfg: Config, requested: str, node: str) -> tuple[Source, str, 
     from otelflow.conntrack.source import ConntrackSource
     from otelflow.ebpf.features import SourceUnavailable, choose_source, ebpf_readiness
 
-    readiness = ebpf_readiness() if requested != "conntrack" else None
+    readiness = ebpf_readiness(attach=cfg.source.ebpf.attach) if requested != "conntrack" else None
     try:
         mode, reason = choose_source(requested, readiness=readiness)
     except SourceUnavailable as e:
@@ -104,8 +109,9 @@ def select_source(cfg: Config, requested: str, node: str) -> tuple[Source, str, 
     if requested == "conntrack":
         code = "requested"
     elif readiness is not None and not readiness[0]:
-        failed = next(p for p in readiness[2] if not p.ok)
-        code = REASON_CODES.get(failed.name, "ebpf_unavailable")
+        why = readiness[1]  # "<probe name>: <detail>" of the probe that decided
+        failed = next((p.name for p in readiness[2] if not p.ok and why.startswith(f"{p.name}:")), "")
+        code = REASON_CODES.get(failed, "ebpf_unavailable")
     else:
         code = "ebpf_ready"
     if mode == "ebpf":

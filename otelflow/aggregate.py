@@ -11,18 +11,24 @@
   start time, as OTLP cumulative semantics allow).
 * Each metric holds at most ``max_series`` series; past that, values go to one overflow series with
   ``otel.metric.overflow=true`` and the points are counted in ``stats.overflow_points``.
+* The RTT histogram (``otelflow.tcp.rtt``, eBPF source) uses the same series machinery: its
+  ``total`` is the number of observations (so expiry and delta work unchanged), plus per-bucket
+  counts, the sum and min/max, all in integer microseconds (exact); one observation per flow
+  direction per record that has an RTT sample, counted where that direction's bytes are.
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from otelflow.decorate import DecoratedFlow
 from otelflow.meta.model import Peer
 from otelflow.otlp import encode as pb
-from otelflow.schema import FLOW_ATTRIBUTES, Level, end_attributes, metric_attribute_names
+from otelflow.schema import FLOW_ATTRIBUTES, METRICS, Level, end_attributes, metric_attribute_names
 
 OVERFLOW_KEY = "otel.metric.overflow"
 WORKLOAD_KIND_ATTR = {
@@ -46,6 +52,36 @@ class Series:
 
 
 @dataclass(slots=True)
+class HistSeries(Series):
+    """A histogram series: ``total`` counts observations; values are integer microseconds. ``head``
+    is the HistogramDataPoint's attribute block (field 9), not a NumberDataPoint prefix."""
+
+    counts: list[int] = field(default_factory=list)  # per bucket: len(bounds) + 1 (the last: +Inf)
+    sum_us: int = 0
+    lo_us: int = 0  # smallest and largest observation since the last export (when total > exported)
+    hi_us: int = 0
+    min_us: int = 0  # over the series' life up to the last export (when exported > 0)
+    max_us: int = 0
+    exported_counts: list[int] = field(default_factory=list)  # at the last export (delta temporality)
+    exported_sum_us: int = 0
+
+    def lifetime_min_max(self) -> tuple[int, int]:
+        """Min and max over every observation (the series has at least one)."""
+        if not self.exported:
+            return self.lo_us, self.hi_us
+        if self.total == self.exported:
+            return self.min_us, self.max_us
+        return min(self.min_us, self.lo_us), max(self.max_us, self.hi_us)
+
+    def mark_exported(self) -> None:
+        """Before ``exported = total``: fold this interval's min/max in and remember the buckets."""
+        if self.total != self.exported:
+            self.min_us, self.max_us = self.lifetime_min_max()
+            self.exported_counts = self.counts.copy()
+            self.exported_sum_us = self.sum_us
+
+
+@dataclass(slots=True)
 class AggregatorStats:
     records: int = 0
     series: int = 0
@@ -58,6 +94,7 @@ class MetricSeries:
     name: str
     series: dict[tuple[int, int, int], Series] = field(default_factory=dict)
     overflow: Series | None = None
+    bounds_us: tuple[int, ...] = ()  # a histogram's bucket bounds in microseconds; () = a counter
 
 
 class Aggregator:
@@ -70,6 +107,7 @@ class Aggregator:
         "otelflow.connections.active",
         "otelflow.tcp.retransmits",
         "otelflow.tcp.resets",
+        "otelflow.tcp.rtt",
     )
 
     def __init__(
@@ -105,6 +143,7 @@ class Aggregator:
         self._uses_address = any(n.endswith(".address") for n in self.attribute_names)
         self._ends = ends
         self._kv = pb.KvCache(7)
+        self._kv_hist = pb.KvCache(9)  # HistogramDataPoint.attributes is field 9
         # peer -> (id as source, id as destination); flow attrs -> id; id -> (pairs, encoded block).
         # Series keys are (source id, destination id, flow id): three small ints, cheap to hash.
         self._end_cache: dict[tuple[str, ...], tuple[int, int]] = {}
@@ -112,7 +151,11 @@ class Aggregator:
         self._flow_cache: dict[tuple[str | int, ...], int] = {}
         self._part_ids: dict[tuple[int, tuple[object, ...]], int] = {}
         self._parts: list[tuple[tuple[tuple[str, str | int], ...], bytes]] = []
-        self.metrics = {n: MetricSeries(n) for n in self.METRIC_NAMES}
+        bounds = {m.name: tuple(round(b * 1e6) for b in m.bounds) for m in METRICS}
+        self.metrics = {n: MetricSeries(n, bounds_us=bounds[n]) for n in self.METRIC_NAMES}
+        self._retransmits = self.metrics["otelflow.tcp.retransmits"]
+        self._resets = self.metrics["otelflow.tcp.resets"]
+        self._rtt = self.metrics["otelflow.tcp.rtt"]
 
     # ---- attribute values ----------------------------------------------------------------------
     def _end(self, p: Peer, address: str) -> tuple[int, int]:
@@ -257,34 +300,69 @@ class Aggregator:
         self.stats.records += records
 
     def _tcp(self, d: DecoratedFlow, c2s: tuple[int, int, int], s2c: tuple[int, int, int], now: int) -> None:
-        """Retransmits and resets sent by each end, counted where that direction's bytes are."""
-        f, m = d.flow, self.metrics
-        for own, k, retrans, resets in (
-            (d.count_c2s, c2s, f.retransmits_c2s, f.resets_c2s),
-            (d.count_s2c, s2c, f.retransmits_s2c, f.resets_s2c),
-        ):
-            if not own:
-                continue
-            for name, v in (("otelflow.tcp.retransmits", retrans), ("otelflow.tcp.resets", resets)):
-                ms = m[name]
-                ser = ms.series.get(k) or self._series(ms, k, now)
-                if v:
-                    ser.total += v
-                    ser.changed = True
+        """Retransmits and resets sent by each end, and the RTT its socket measured (one observation
+        when the record has a sample), counted where that direction's bytes are."""
+        f = d.flow
+        if d.count_c2s:
+            self._health(c2s, f.retransmits_c2s, f.resets_c2s, f.rtt_us_c2s, now)
+        if d.count_s2c:
+            self._health(s2c, f.retransmits_s2c, f.resets_s2c, f.rtt_us_s2c, now)
+
+    def _health(
+        self, k: tuple[int, int, int], retrans: int | None, resets: int | None, rtt_us: int | None, now: int
+    ) -> None:
+        ms = self._retransmits
+        ser = ms.series.get(k) or self._series(ms, k, now)
+        if retrans:
+            ser.total += retrans
+            ser.changed = True
+        ms = self._resets
+        ser = ms.series.get(k) or self._series(ms, k, now)
+        if resets:
+            ser.total += resets
+            ser.changed = True
+        if rtt_us is None:
+            return
+        ms = self._rtt
+        h = ms.series.get(k) or self._series(ms, k, now)
+        assert isinstance(h, HistSeries)
+        if h.total == h.exported:  # the first observation since the last export: min/max restart
+            h.lo_us = h.hi_us = rtt_us
+        elif rtt_us < h.lo_us:
+            h.lo_us = rtt_us
+        elif rtt_us > h.hi_us:
+            h.hi_us = rtt_us
+        h.counts[bisect_left(ms.bounds_us, rtt_us)] += 1
+        h.total += 1
+        h.sum_us += rtt_us
+        h.changed = True
 
     def _series(self, ms: MetricSeries, key: tuple[int, int, int], now: int) -> Series:
         """A new series for `key`, or the overflow series once the metric holds max_series."""
         if len(ms.series) >= self.max_series:
             if ms.overflow is None:
-                block = pb.attributes(((OVERFLOW_KEY, "true"),), field=7, bools={OVERFLOW_KEY})
-                ms.overflow = Series((-1, -1, -1), pb.point_head(block), now)
+                if ms.bounds_us:
+                    block = pb.attributes(((OVERFLOW_KEY, "true"),), field=9, bools={OVERFLOW_KEY})
+                    ms.overflow = self._hist((-1, -1, -1), block, len(ms.bounds_us), now)
+                else:
+                    block = pb.attributes(((OVERFLOW_KEY, "true"),), field=7, bools={OVERFLOW_KEY})
+                    ms.overflow = Series((-1, -1, -1), pb.point_head(block), now)
             self.stats.overflow_points += 1
             return ms.overflow
         parts = self._parts
-        s = Series(key, pb.point_head(parts[key[0]][1], parts[key[1]][1], parts[key[2]][1]), now)
+        if ms.bounds_us:
+            pairs = parts[key[0]][0] + parts[key[1]][0] + parts[key[2]][0]
+            s: Series = self._hist(key, self._kv_hist.block(pairs), len(ms.bounds_us), now)
+        else:
+            s = Series(key, pb.point_head(parts[key[0]][1], parts[key[1]][1], parts[key[2]][1]), now)
         ms.series[key] = s
         self.stats.series += 1
         return s
+
+    @staticmethod
+    def _hist(key: tuple[int, int, int], block: bytes, nbounds: int, now: int) -> HistSeries:
+        n = nbounds + 1
+        return HistSeries(key, block, now, counts=[0] * n, exported_counts=[0] * n)
 
     def pairs(self, s: Series) -> tuple[tuple[str, str | int], ...]:
         """A series' exported (key, value) attribute pairs (for Prometheus)."""
@@ -309,6 +387,11 @@ class Aggregator:
         False (the last exports are not delivered yet) keeps every series: a flow that lived and
         ended while the collector was away must still reach it in a later cumulative snapshot."""
         for ms in self.metrics.values():
+            if ms.bounds_us:  # histograms: fold this interval's min/max, remember the buckets
+                for h in ms.series.values():
+                    cast(HistSeries, h).mark_exported()
+                if ms.overflow is not None:
+                    cast(HistSeries, ms.overflow).mark_exported()
             dead = []
             for key, s in ms.series.items():
                 s.exported = s.total

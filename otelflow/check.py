@@ -1,7 +1,8 @@
 """`otelflow check`: a preflight report, one line per check, a remedy for every problem.
 
-Lines, in order: configuration; the eBPF probes (kernel BTF, bpf() permitted, tc attach: see
-otelflow/ebpf/features.py); the TCP-health hooks; the capabilities each source needs; the flow
+Lines, in order: configuration; the eBPF probes (kernel BTF, bpf() permitted, tc attach, tcx
+attach: see otelflow/ebpf/features.py; the attach backend source.ebpf.attach does not need is
+only reported); the TCP-health hooks; the capabilities each source needs; the flow
 source the agent would choose and why; conntrack (present, accounting, table fill, dump, events);
 the Kubernetes API (reachable, RBAC sufficient through SelfSubjectAccessReview); the collector
 (an empty OTLP export through the agent's own exporter).
@@ -68,9 +69,28 @@ def _ebpf_status(mode: str) -> Status:
 
 
 def check_ebpf(cfg: Config, readiness: Readiness) -> list[CheckResult]:
+    from otelflow.ebpf.features import attach_backend
+
     mode = cfg.source.mode
+    attach = cfg.source.ebpf.attach
     status: Status = "skip" if mode == "conntrack" else _ebpf_status(mode)
-    return [_probe_line(p, p.name, status, mode) for p in readiness[2]]
+    backend = attach_backend(attach, readiness[2])  # "" when the one needed fails
+    needed = attach if attach != "auto" else backend
+    out = []
+    for p in readiness[2]:
+        kind = p.name.removesuffix(" attach") if p.name in ("tc attach", "tcx attach") else ""
+        if kind and needed and kind != needed:  # the other backend: reported, never a problem
+            why = f"the eBPF source attaches with {needed}"
+            if attach != "auto":
+                why = f"source.ebpf.attach={attach}"
+            detail = p.detail if p.ok else f"unavailable: {p.detail}"
+            out.append(CheckResult(p.name, "pass" if p.ok else "skip", f"{detail} (not used: {why})"))
+            continue
+        line = _probe_line(p, p.name, status, mode)
+        if kind and p.ok and mode != "conntrack":
+            line.detail += f"; the eBPF source attaches with {kind}"
+        out.append(line)
+    return out
 
 
 def check_tcp_health(cfg: Config) -> list[CheckResult]:
@@ -437,7 +457,7 @@ def grpc_diagnosis(otlp: OtlpConfig) -> str:
 def run_checks(cfg: Config, netns: str | None = None) -> list[CheckResult]:
     from otelflow.ebpf.features import ebpf_readiness
 
-    readiness = ebpf_readiness(netns)
+    readiness = ebpf_readiness(netns, cfg.source.ebpf.attach)
     results = [CheckResult("configuration", "pass", "loaded and valid")]
     results += check_ebpf(cfg, readiness)
     results += check_tcp_health(cfg)

@@ -185,6 +185,7 @@ class EbpfConfig:
     exclude_interfaces: str = ""  # comma-separated globs of interfaces never attached to
     idle_timeout: Duration = Duration(120.0)  # a flow conntrack does not know ends after this idle time
     tcp_health: bool = True  # retransmits, resets and RTT from TCP tracepoints, where the kernel allows
+    attach: Literal["auto", "tcx", "tc"] = "auto"  # TC attach backend; auto: tcx where the kernel has it
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +202,7 @@ class OtlpConfig:
     protocol: Literal["grpc", "http/protobuf"] = "grpc"  # OTLP transport
     headers: dict[str, str] = field(default_factory=dict)  # extra request headers (may hold secrets)
     compression: Literal["gzip", "none"] = "gzip"  # request compression
+    compression_level: Annotated[int, _between(1, 9)] = 1  # gzip level of OTLP/HTTP (gRPC: grpc core's 6)
     timeout: Duration = Duration(10.0)  # per-export request timeout
     certificate: str = ""  # path to a CA bundle to verify the collector
     client_certificate: str = ""  # path to a client certificate for mTLS

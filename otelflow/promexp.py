@@ -6,13 +6,14 @@ see otelflow/live.py)."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 import urllib.parse
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
-from otelflow.aggregate import Series
+from otelflow.aggregate import HistSeries, Series
 from otelflow.schema import METRICS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -30,11 +31,16 @@ def render(
     snapshot: dict[str, list[Series]],
     pairs: Callable[[Series], tuple[tuple[str, str | int], ...]],
 ) -> str:
-    """Prometheus text exposition of an aggregator snapshot (cumulative values)."""
+    """Prometheus text exposition of an aggregator snapshot (cumulative values). A histogram is
+    ``_bucket`` series with cumulative counts per ``le`` (the schema's bounds, then ``+Inf``), ``_sum``
+    and ``_count``, as the collector's Prometheus exporter writes an OTLP histogram."""
     defs = {m.name: m for m in METRICS}
     out: list[str] = []
     for name, series in snapshot.items():
         d = defs[name]
+        if d.kind == "histogram":
+            out += _histogram(d.prometheus, d.brief, d.unit, d.bounds, series, pairs)
+            continue
         ptype = "counter" if d.kind == "counter" else "gauge"
         out.append(f"# HELP {d.prometheus} {d.brief} ({d.unit})")
         out.append(f"# TYPE {d.prometheus} {ptype}")
@@ -42,6 +48,45 @@ def render(
             labels = ",".join(f'{_label_name(k)}="{escape_label_value(str(v))}"' for k, v in pairs(s))
             out.append(f"{d.prometheus}{{{labels}}} {s.total}" if labels else f"{d.prometheus} {s.total}")
     return "\n".join(out) + "\n"
+
+
+def le_label(bound: float) -> str:
+    """A bucket bound as Prometheus' Go client writes it (strconv 'g' with the shortest digits that
+    round-trip: 5e-05, 0.0001, 1, 2.5, 1e+06): exponent form below 1e-4 and from 1e6."""
+    if math.isinf(bound):
+        return "+Inf" if bound > 0 else "-Inf"
+    if bound == 0:
+        return "0"
+    exp = int(f"{bound:.17e}".partition("e")[2])  # the decimal exponent; the digits come from repr
+    digits = repr(abs(bound)).split("e")[0].replace(".", "").lstrip("0").rstrip("0") or "0"
+    sign = "-" if bound < 0 else ""
+    if exp < -4 or exp >= 6:
+        frac = f".{digits[1:]}" if len(digits) > 1 else ""
+        return f"{sign}{digits[0]}{frac}e{'-' if exp < 0 else '+'}{abs(exp):02d}"
+    return f"{bound:.{max(len(digits) - 1 - exp, 0)}f}"
+
+
+def _histogram(
+    prom: str,
+    brief: str,
+    unit: str,
+    bounds: tuple[float, ...],
+    series: list[Series],
+    pairs: Callable[[Series], tuple[tuple[str, str | int], ...]],
+) -> list[str]:
+    out = [f"# HELP {prom} {brief} ({unit})", f"# TYPE {prom} histogram"]
+    les = [*(le_label(b) for b in bounds), "+Inf"]
+    for s in series:
+        h = cast(HistSeries, s)
+        labels = "".join(f'{_label_name(k)}="{escape_label_value(str(v))}",' for k, v in pairs(h))
+        cum = 0
+        for le, n in zip(les, h.counts, strict=True):
+            cum += n
+            out.append(f'{prom}_bucket{{{labels}le="{le}"}} {cum}')
+        plain = f"{{{labels[:-1]}}}" if labels else ""
+        out.append(f"{prom}_sum{plain} {h.sum_us / 1e6!r}")
+        out.append(f"{prom}_count{plain} {h.total}")
+    return out
 
 
 class AgentHttpServer:

@@ -45,6 +45,7 @@ class Metric:
     prometheus: str
     attributes: str  # which attribute set: "flow" or "self"
     source: str = "all"  # "all" sources, or "ebpf" only
+    bounds: tuple[float, ...] = ()  # a histogram's explicit bucket bounds (upper bounds, inclusive)
 
 
 # ---- the attributes of one end (prefixed with source. / destination.) --------------------------------
@@ -144,6 +145,165 @@ RESOURCE_ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("host.name", "string", "the host name", "the kernel"),
 )
 
+# Bucket bounds of otelflow.tcp.rtt, in seconds: 1-2.5-5 steps per decade (each bucket 2-2.5x the
+# one below, so a quantile read from them is within a factor ~2 of the truth) from 50 us to 5 s: pod to
+# pod on one node is tens of us (<= 50 us), across nodes in a zone 100-500 us, across zones 0.5-2.5 ms,
+# across regions and to the internet 10-250 ms; 0.5-5 s are queues gone wrong (bufferbloat, a
+# retransmission storm); beyond that +Inf. 16 bounds: 17 buckets (327 bytes per OTLP data point
+# besides its attributes).
+RTT_BOUNDS_S: tuple[float, ...] = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+# ---- flow-log records (one OTLP log record per flow per interval and at close) ----------------------
+# A record describes a connection: its ends are client.* and server.* (LOG_END_ATTRIBUTES under those
+# prefixes), and it carries the flow's own attributes (LOG_ATTRIBUTES). Flags are ints (0/1); an
+# attribute without a value (no Service, no NAT, no counters, no TCP health hook) is absent.
+LOG_END_ATTRIBUTES: tuple[Attribute, ...] = (
+    *(
+        a
+        for a in END_ATTRIBUTES
+        if a.name
+        in (
+            "k8s.namespace.name",
+            "k8s.pod.name",
+            "k8s.pod.uid",
+            "k8s.workload.name",
+            "k8s.workload.kind",
+            "k8s.node.name",
+            "cloud.availability_zone",
+            "cloud.region",
+            "otelflow.peer.class",
+        )
+    ),
+    Attribute(
+        "otelflow.peer.name",
+        "string",
+        "the node's or inventory host's name",
+        "node / inventory",
+        semconv=False,
+    ),
+)
+
+_DIR = {"c2s": "client to server", "s2c": "server to client"}
+LOG_ATTRIBUTES: tuple[Attribute, ...] = (
+    Attribute(
+        "client.address",
+        "string",
+        "the client's address (the side that opened the connection)",
+        "the flow's tuple",
+    ),
+    Attribute("client.port", "int", "the client's port", "the flow's tuple"),
+    Attribute(
+        "server.address",
+        "string",
+        "the address that answered (the backend behind a DNAT)",
+        "the flow's tuple",
+    ),
+    Attribute("server.port", "int", "the port that answered", "the flow's tuple"),
+    Attribute("network.transport", "string", "tcp, udp, icmp, ...", "the flow's tuple"),
+    Attribute("network.type", "string", "ipv4 or ipv6", "the flow's tuple"),
+    Attribute(
+        "otelflow.flow.id",
+        "string",
+        "observer/id: unique per flow, the same on all of its records",
+        "the agent",
+        semconv=False,
+    ),
+    Attribute("otelflow.flow.source", "string", "conntrack or ebpf", "the agent", semconv=False),
+    Attribute("otelflow.observer", "string", "the node that wrote the record", "the agent", semconv=False),
+    Attribute(
+        "k8s.service.name",
+        "string",
+        "the Service the client addressed, or whose endpoints answered",
+        "conntrack NAT + Service metadata",
+    ),
+    Attribute(
+        "otelflow.service.namespace", "string", "that Service's namespace", "Service metadata", semconv=False
+    ),
+    Attribute(
+        "otelflow.nat.dialed.address",
+        "string",
+        "the address the client dialed (a ClusterIP), when a DNAT changed it",
+        "conntrack",
+        semconv=False,
+    ),
+    Attribute(
+        "otelflow.nat.dialed.port", "int", "the port the client dialed, likewise", "conntrack", semconv=False
+    ),
+    Attribute(
+        "otelflow.nat.client.address",
+        "string",
+        "the client as the server saw it, after SNAT (masquerade)",
+        "conntrack",
+        semconv=False,
+    ),
+    Attribute("otelflow.nat.client.port", "int", "the client's port after SNAT", "conntrack", semconv=False),
+    Attribute(
+        "otelflow.flow.opened",
+        "int",
+        "1 when the connection opened during this record's interval",
+        "the flow source",
+        semconv=False,
+    ),
+    Attribute(
+        "otelflow.flow.closed",
+        "int",
+        "1 on the connection's closing record",
+        "the flow source",
+        semconv=False,
+    ),
+    Attribute(
+        "otelflow.flow.duration_ms",
+        "int",
+        "milliseconds from the first observation to this record's",
+        "the flow source",
+        semconv=False,
+    ),
+    Attribute(
+        "otelflow.flow.state",
+        "string",
+        "TCP state as conntrack names it (ESTABLISHED, TIME_WAIT, ...)",
+        "the flow source",
+        semconv=False,
+    ),
+    *(
+        Attribute(
+            f"otelflow.flow.{what}.{d}",
+            "int",
+            f"{what} sent {_DIR[d]} during the interval (L3)",
+            "the flow source",
+            semconv=False,
+        )
+        for what in ("bytes", "packets")
+        for d in ("c2s", "s2c")
+    ),
+    *(
+        Attribute(
+            f"otelflow.tcp.{what}.{d}",
+            "int",
+            f"TCP {brief} sent {_DIR[d]} during the interval (0: the hook ran, nothing happened); "
+            "TCP flows of the eBPF source",
+            "TCP tracepoints (eBPF)",
+            semconv=False,
+        )
+        for what, brief in (("retransmits", "segments retransmitted"), ("resets", "resets (RST)"))
+        for d in ("c2s", "s2c")
+    ),
+    *(
+        Attribute(
+            f"otelflow.tcp.rtt.{d}",
+            "double",
+            f"smoothed round-trip time in seconds measured by the {'client' if d == 'c2s' else 'server'}'s "
+            "socket (its latest sample in the interval; absent without a sample)",
+            "TCP tracepoints (eBPF)",
+            semconv=False,
+        )
+        for d in ("c2s", "s2c")
+    ),
+)
+
 METRICS: tuple[Metric, ...] = (
     Metric(
         "otelflow.flow.bytes",
@@ -215,10 +375,12 @@ METRICS: tuple[Metric, ...] = (
         "otelflow.tcp.rtt",
         "s",
         "histogram",
-        "smoothed TCP round-trip time seen by source (not exported yet; the eBPF source measures it)",
+        "smoothed TCP round-trip time measured by source's socket: one observation per flow direction "
+        "per poll that had a sample (that socket's latest srtt)",
         "otelflow_tcp_rtt_seconds",
         "flow",
         "ebpf",
+        RTT_BOUNDS_S,
     ),
 )
 
@@ -306,8 +468,14 @@ SELF_METRICS: tuple[SelfMetric, ...] = (
         "otelflow_agent_source",
         "gauge",
         "1, labelled with the flow source in use, the one requested (auto, ebpf, conntrack) and why "
-        "(requested, ebpf_ready, no_btf, bpf_denied, tc_attach_failed, ebpf_unavailable)",
+        "(requested, ebpf_ready, no_btf, bpf_denied, tc_attach_failed, tcx_attach_failed, ebpf_unavailable)",
         ("source", "requested", "reason"),
+    ),
+    SelfMetric(
+        "otelflow_agent_ebpf_attach",
+        "gauge",
+        "1, labelled with the TC attach backend the eBPF source uses (tcx, tc; none without the eBPF source)",
+        ("mode",),
     ),
     SelfMetric("otelflow_agent_ebpf_interfaces", "gauge", "interfaces the TC programs are attached to"),
     SelfMetric(
@@ -366,6 +534,10 @@ def markdown() -> str:
     ]
     for m in METRICS:
         out.append(f"| `{m.name}` | `{m.unit}` | {m.kind} | `{m.prometheus}` | {m.source} | {m.brief} |")
+    for m in METRICS:
+        if m.bounds:
+            le = ", ".join(f"{b:g}" for b in m.bounds)
+            out += ["", f"Bucket bounds of `{m.name}` ({m.unit}, upper bound inclusive, then +Inf): {le}."]
     out += [
         "",
         "## Flow attributes",
@@ -399,6 +571,27 @@ def markdown() -> str:
     ]
     for sm in SELF_METRICS:
         out.append(f"| `{sm.name}` | {sm.kind} | {', '.join(sm.labels) or '-'} | {sm.brief} |")
+    out += [
+        "",
+        "## Flow-log records",
+        "",
+        "One OTLP log record (event `otelflow.flow`) per flow per interval and at close. Its ends carry",
+        "these names prefixed with `client.` and `server.` (only those with a value):",
+        "",
+        "| attribute | type | meaning |",
+        "|---|---|---|",
+    ]
+    for a in LOG_END_ATTRIBUTES:
+        out.append(f"| `client.{a.name}` / `server.{a.name}` | {a.type} | {a.brief} |")
+    out += [
+        "",
+        "and the flow's own attributes:",
+        "",
+        "| attribute | type | meaning | source |",
+        "|---|---|---|---|",
+    ]
+    for a in LOG_ATTRIBUTES:
+        out.append(f"| `{a.name}` | {a.type} | {a.brief} | {a.source} |")
     out += ["", "## Resource attributes", "", "| attribute | meaning | source |", "|---|---|---|"]
     for a in RESOURCE_ATTRIBUTES:
         out.append(f"| `{a.name}` | {a.brief} | {a.source} |")

@@ -67,6 +67,7 @@ class SelfMetrics:
             ],
         }
         eb = st if src.name == "ebpf" else None
+        v["otelflow_agent_ebpf_attach"] = [({"mode": getattr(eb, "attach_mode", "") or "none"}, 1)]
         v["otelflow_agent_ebpf_interfaces"] = [({}, getattr(eb, "interfaces", 0))]
         v["otelflow_agent_ebpf_attach_errors_total"] = [({}, getattr(eb, "attach_errors", 0))]
         v["otelflow_agent_ebpf_map_entries"] = [({}, getattr(eb, "map_entries", 0))]

@@ -13,7 +13,9 @@ takes ~35 ms, parsing the kernel's BTF ~20 ms) and leaves nothing behind:
   needs (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_RESOURCE; CAP_SYS_ADMIN before 5.8);
 * :func:`probe_tc_attach`: a real clsact/cls_bpf attach and detach (see its docstring for why it
   disturbs nobody);
-* :func:`ebpf_readiness` sums them up and :func:`choose_source` picks the flow source.
+* :func:`probe_tcx_attach`: a real tcx link on lo, closed at once (kernels >= 6.6);
+* :func:`ebpf_readiness` sums them up (one of the two attach backends must work, the one
+  ``source.ebpf.attach`` asks for) and :func:`choose_source` picks the flow source.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "PROBE_PROG_NAME",
     "Probe",
     "SourceUnavailable",
+    "attach_backend",
     "capability_probes",
     "choose_source",
     "ebpf_readiness",
@@ -53,6 +56,9 @@ __all__ = [
     "probe_btf",
     "probe_capabilities",
     "probe_tc_attach",
+    "probe_tcx_attach",
+    "readiness_of",
+    "tcx_prog_ids",
 ]
 
 BTF_PATH = "/sys/kernel/btf/vmlinux"
@@ -172,7 +178,7 @@ def probe_bpf(path: str | None = None) -> Probe:
     obj = str(path or DEFAULT_OBJECT)
     t0 = time.perf_counter()
     try:
-        fc = FlowCounter(obj, max_entries=64)
+        fc = FlowCounter(obj, max_entries=64, attach_mode="tc")  # "tc": no attach probe here
     except lb.BPFError as e:
         step = re.match(r"\w+", e.strerror or "")
         why = os.strerror(e.errno) if e.errno else str(e)
@@ -473,8 +479,8 @@ def probe_tc_attach(netns: str | None = None) -> Probe:
 
     Alternatives rejected: a throwaway namespace with a dummy interface needs CAP_SYS_ADMIN
     (unshare/setns), which a least-privilege agent lacks, and would test another namespace than
-    the agent's; tcx links (kernel >= 6.6, auto-detached when the fd closes) would not prove the
-    clsact/cls_bpf path the loader (libbpf 1.1) actually uses.
+    the agent's. The tcx backend has its own probe (probe_tcx_attach): this one proves the
+    clsact/cls_bpf path, used where tcx is not (kernels < 6.6, or ``source.ebpf.attach: tc``).
     """
     remedy = (
         "the eBPF source needs CAP_NET_ADMIN and CAP_BPF, and a kernel with clsact and cls_bpf "
@@ -508,15 +514,112 @@ def probe_tc_attach(netns: str | None = None) -> Probe:
     )
 
 
+# ---- tcx attach ----------------------------------------------------------------------------------
+
+TCX_HOOKS = {"ingress": lb.BPF_TCX_INGRESS, "egress": lb.BPF_TCX_EGRESS}
+
+
+def tcx_prog_ids(ifindex: int, direction: str) -> list[int]:
+    """Program ids on an interface's tcx hook ("ingress" | "egress"), in the order they run
+    (BPF_PROG_QUERY; the calling thread's namespace). Raises BPFError where tcx does not exist.
+    (Debian 12's bpftool 7.1 does not list tcx links.) A tcx chain holds at most 64 programs."""
+    return lb.prog_query(ifindex, TCX_HOOKS[direction], 64)
+
+
+def probe_tcx_attach(netns: str | None = None) -> Probe:
+    """A real tcx attach and detach (Linux >= 6.6), in the namespace the agent attaches in: the
+    two-instruction no-op program (returns TCX_NEXT: the packet goes on exactly as if it were
+    absent) is linked to the tcx ingress hook of ``lo`` at the end of the chain, found there with
+    BPF_PROG_QUERY, and the link's fd is closed, which detaches it. Nothing can be left behind:
+    the kernel closes the fd of a process that dies, even by SIGKILL, and the link is never pinned.
+    Concurrent probes do not meet: each links its own program."""
+    remedy = (
+        "tcx needs Linux >= 6.6 (and CAP_NET_ADMIN + CAP_BPF); without it the eBPF source attaches "
+        "with cls_bpf on clsact (the tc attach line)"
+    )
+    t0 = time.perf_counter()
+    try:
+        fd = _load_noop_prog()
+    except lb.BPFError as e:
+        return Probe("tcx attach", False, str(e.strerror), remedy)
+    ns: tcnl.NetnsFd | None = None
+    try:
+        ns = tcnl.NetnsFd(netns)
+        with tcnl.in_netns(ns):
+            ifindex = socket.if_nametoindex(PROBE_IFNAME)
+            link = lb.lib().bpf_link_create(fd, ifindex, lb.BPF_TCX_INGRESS, None)
+            if link < 0:
+                why = os.strerror(-link)
+                if link in (-errno.EINVAL, -errno.EOPNOTSUPP):
+                    why += " (no tcx in this kernel: Linux >= 6.6)"
+                return Probe("tcx attach", False, f"lo: bpf_link_create(BPF_TCX_INGRESS): {why}", remedy)
+            try:
+                pid = lb.prog_id(fd)
+                if pid not in tcx_prog_ids(ifindex, "ingress"):
+                    return Probe(
+                        "tcx attach", False, "lo: the link's program is not in the tcx chain", remedy
+                    )
+            finally:
+                os.close(link)
+            if pid in tcx_prog_ids(ifindex, "ingress"):
+                return Probe(
+                    "tcx attach", False, "lo: the program stayed attached after its link closed", remedy
+                )
+    except lb.BPFError as e:
+        return Probe("tcx attach", False, f"lo: {e.strerror}", remedy)
+    except OSError as e:
+        return Probe("tcx attach", False, f"lo: {e.strerror or e}", remedy)
+    finally:
+        os.close(fd)
+        if ns is not None:
+            ns.close()
+    ms = (time.perf_counter() - t0) * 1000
+    return Probe(
+        "tcx attach", True, f"tcx link on lo, found by BPF_PROG_QUERY, closed in {ms:.0f} ms; nothing left"
+    )
+
+
 # ---- readiness and source choice ---------------------------------------------------------------
 
+ATTACH_MODES = ("auto", "tcx", "tc")
 
-def ebpf_readiness(netns: str | None = None) -> tuple[bool, str, list[Probe]]:
+
+def attach_backend(attach: str, probes: list[Probe]) -> str:
+    """The TC attach backend ("tcx" | "tc") the loader will use for ``source.ebpf.attach``, from
+    ebpf_readiness()'s probes; "" when the backend it needs does not work."""
+    ok = {p.name: p.ok for p in probes}
+    if attach == "tcx" or (attach == "auto" and ok.get("tcx attach")):
+        return "tcx" if ok.get("tcx attach") else ""
+    return "tc" if ok.get("tc attach") else ""
+
+
+def ebpf_readiness(netns: str | None = None, attach: str = "auto") -> tuple[bool, str, list[Probe]]:
     """(usable, one-line reason, the probes behind it) for the eBPF flow source: kernel BTF,
-    bpf() permitted and a TC attach. Capabilities are reported by probe_capabilities(); what
-    they deny shows up here as a failed load or attach, which is the ground truth."""
-    probes = [probe_btf(), probe_bpf(), probe_tc_attach(netns)]
-    failed = [p for p in probes if not p.ok]
+    bpf() permitted and a TC attach: both backends are probed (both lines show in `check`); the
+    one ``attach`` ("auto" | "tcx" | "tc", source.ebpf.attach) needs must work: auto needs either.
+    Capabilities are reported by probe_capabilities(); what they deny shows up here as a failed
+    load or attach, which is the ground truth."""
+    if attach not in ATTACH_MODES:
+        raise ValueError(f"attach {attach!r}: must be one of {', '.join(ATTACH_MODES)}")
+    probes = [probe_btf(), probe_bpf(), probe_tc_attach(netns), probe_tcx_attach(netns)]
+    return readiness_of(probes, attach)
+
+
+def readiness_of(probes: list[Probe], attach: str) -> tuple[bool, str, list[Probe]]:
+    """ebpf_readiness()'s verdict on probes already run (kernel BTF, bpf() permitted, tc attach,
+    tcx attach): every probe but the attach lines must pass, and of those the one ``attach`` needs
+    (auto: tcx when it works, else tc; a reason then names the tc failure first)."""
+    attach_lines = {"tc attach", "tcx attach"}
+    needed = [p for p in probes if p.name not in attach_lines]
+    by_name = {p.name: p for p in probes if p.name in attach_lines}
+    backend = attach_backend(attach, probes)
+    if backend:
+        needed.append(by_name[f"{backend} attach"])
+    elif attach == "auto":
+        needed += [by_name[n] for n in ("tc attach", "tcx attach") if n in by_name]
+    elif f"{attach} attach" in by_name:
+        needed.append(by_name[f"{attach} attach"])
+    failed = [p for p in needed if not p.ok]
     if not failed:
         return True, "kernel BTF, bpf() and TC attach all work", probes
     more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""

@@ -54,6 +54,34 @@ class bpf_map_batch_opts(C.Structure):
     _fields_ = [("sz", C.c_size_t), ("elem_flags", C.c_uint64), ("flags", C.c_uint64)]
 
 
+class bpf_link_create_opts(C.Structure):
+    # size_t sz; __u32 flags; union bpf_iter_link_info *iter_info; __u32 iter_info_len;
+    # __u32 target_btf_id; union { perf_event, kprobe_multi {__u32 flags, cnt; 3 pointers}, tracing };
+    # size_t :0. libbpf 1.1 passes ``flags`` on for an attach type it does not know (tcx) and
+    # requires every later field to be zero.
+    _fields_ = [
+        ("sz", C.c_size_t),
+        ("flags", C.c_uint32),
+        ("iter_info", C.c_void_p),
+        ("iter_info_len", C.c_uint32),
+        ("target_btf_id", C.c_uint32),
+        ("_union", C.c_uint64 * 4),  # the largest member, kprobe_multi: 4 + 4 + 3 * 8 bytes
+    ]
+
+
+class bpf_prog_query_opts(C.Structure):
+    # size_t sz; __u32 query_flags; __u32 attach_flags; __u32 *prog_ids; __u32 prog_cnt;
+    # __u32 *prog_attach_flags;
+    _fields_ = [
+        ("sz", C.c_size_t),
+        ("query_flags", C.c_uint32),
+        ("attach_flags", C.c_uint32),
+        ("prog_ids", C.c_void_p),
+        ("prog_cnt", C.c_uint32),
+        ("prog_attach_flags", C.c_void_p),
+    ]
+
+
 class bpf_test_run_opts(C.Structure):
     _fields_ = [
         ("sz", C.c_size_t),
@@ -122,6 +150,8 @@ class sk_buff_ctx(C.Structure):
 assert C.sizeof(bpf_tc_hook) == 24, C.sizeof(bpf_tc_hook)
 assert C.sizeof(bpf_tc_opts) == 32, C.sizeof(bpf_tc_opts)
 assert C.sizeof(bpf_map_batch_opts) == 24, C.sizeof(bpf_map_batch_opts)
+assert C.sizeof(bpf_link_create_opts) == 64, C.sizeof(bpf_link_create_opts)
+assert C.sizeof(bpf_prog_query_opts) == 40, C.sizeof(bpf_prog_query_opts)
 assert C.sizeof(bpf_test_run_opts) == 80, C.sizeof(bpf_test_run_opts)
 assert C.sizeof(sk_buff_ctx) == 192, C.sizeof(sk_buff_ctx)
 
@@ -129,6 +159,11 @@ BPF_TC_INGRESS = 1
 BPF_TC_EGRESS = 2
 BPF_TC_CUSTOM = 4
 BPF_TC_F_REPLACE = 1
+
+# enum bpf_attach_type (linux/bpf.h, ABI): the tcx hooks of Linux >= 6.6, which libbpf 1.1 predates
+BPF_TCX_INGRESS = 46
+BPF_TCX_EGRESS = 47
+BPF_F_BEFORE = 1 << 3  # link_create flag: before the relative program; none given = first in chain
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -183,6 +218,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     ),
     "bpf_map_update_batch": (_int, [_int, _vp, _vp, C.POINTER(_u32), C.POINTER(bpf_map_batch_opts)]),
     "bpf_prog_test_run_opts": (_int, [_int, C.POINTER(bpf_test_run_opts)]),
+    "bpf_link_create": (_int, [_int, _int, _int, C.POINTER(bpf_link_create_opts)]),
+    "bpf_prog_query_opts": (_int, [_int, _int, C.POINTER(bpf_prog_query_opts)]),
     "bpf_enable_stats": (_int, [_int]),
     "bpf_prog_get_fd_by_id": (_int, [_u32]),
     "libbpf_set_print": (_vp, [_vp]),
@@ -269,3 +306,28 @@ def check(ret: int | None, what: str) -> int:
 
 def num_possible_cpus() -> int:
     return check(lib().libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")
+
+
+def prog_id(prog_fd: int) -> int:
+    """The kernel's id of a loaded program (bpf_prog_info.id, the second __u32 of the struct)."""
+    info = (C.c_uint32 * 2)()
+    n = C.c_uint32(C.sizeof(info))
+    check(
+        lib().bpf_obj_get_info_by_fd(prog_fd, C.cast(info, C.c_void_p), C.byref(n)), "bpf_obj_get_info_by_fd"
+    )
+    return int(info[1])
+
+
+def prog_query(target: int, attach_type: int, max_progs: int = 64) -> list[int]:
+    """Ids of the programs attached at one hook, in the order they run (BPF_PROG_QUERY). For the
+    tcx hooks ``target`` is an interface index of the calling thread's network namespace.
+    Raises BPFError (EINVAL on a kernel without that attach type)."""
+    ids = (C.c_uint32 * max_progs)()
+    o = bpf_prog_query_opts(
+        sz=C.sizeof(bpf_prog_query_opts), prog_ids=C.cast(ids, C.c_void_p), prog_cnt=max_progs
+    )
+    check(
+        lib().bpf_prog_query_opts(target, attach_type, C.byref(o)),
+        f"BPF_PROG_QUERY(attach type {attach_type})",
+    )
+    return [int(i) for i in ids[: o.prog_cnt]]

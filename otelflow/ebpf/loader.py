@@ -1,7 +1,7 @@
 """Load the TC flow counter (flow.bpf.o), attach it to interfaces, drain its flow map.
 
     with FlowCounter(max_entries=65536) as fc:      # open, size the maps, load
-        fc.attach("vp0")                           # clsact ingress + egress of one interface
+        fc.attach("vp0")                           # ingress + egress of one interface (tcx or tc)
         fc.cover("cbr0")                           # a bridge whose ports are all attached
         ...
         d = fc.drain()                             # per-flow counters since the previous drain
@@ -13,25 +13,34 @@ egress program recognises packets already counted at an ingress by the receiving
 which is only unique within a namespace. ``netns=`` names the namespace to attach in (a path such as
 /run/netns/NAME); the counter keeps it open so that detaching at close reaches the same namespace.
 
-Attaching never disturbs anyone else: clsact is created only when missing (and remembered); our
-filters go in at one priority/handle (``priority``, ``handle``, default 1 and 0xf10) and never
-replace a foreign one (a foreign filter of another kind at our priority is an error naming it; a
-foreign cls_bpf filter there shares the priority, and cls_bpf runs the newest first, i.e. ours);
-our programs return TC_ACT_UNSPEC so the filters after ours still run; a filter at a lower
-priority runs before ours and, if it ends classification, hides packets from us: attach() reports
-those (``Hook.preceding`` and a warning). Detaching removes only our filters (checked by program
-id), and the clsact qdisc only if we created it and no filter is left.
+Two attach backends, chosen per counter (``attach_mode``): "tcx" (Linux >= 6.6), "tc" (cls_bpf on
+clsact) or "auto" (the default: tcx when a real tcx probe on lo works, see
+features.probe_tcx_attach; else tc). ``attach_mode`` tells which one the counter uses.
+
+tcx: one BPF link per hook (bpf_link_create(prog, ifindex, BPF_TCX_INGRESS/EGRESS); libbpf 1.1
+predates bpf_program__attach_tcx, its generic bpf_link_create passes the flags on), placed
+**first** in the interface's tcx chain (BPF_F_BEFORE with no relative program): tcx programs run
+before every cls_bpf filter, so no CNI program, tcx or legacy, can redirect or drop a packet before
+we count it (one attached later with BPF_F_BEFORE would go before ours: nothing can prevent that).
+Our programs return TC_ACT_UNSPEC (TCX_NEXT): the rest of the chain, then the clsact filters, run
+as if we were absent. No qdisc is created. A link detaches when its fd closes, and the kernel
+closes every fd of a process that dies, so even SIGKILL leaves nothing attached (the links are
+never pinned). detach()/close() close the link fds; a link whose device went away stays an empty
+link until forget() closes its fd.
+
+tc (cls_bpf): attaching never disturbs anyone else: clsact is created only when missing (and
+remembered); our filters go in at one priority/handle (``priority``, ``handle``, default 1 and
+0xf10) and never replace a foreign one (a foreign filter of another kind at our priority is an
+error naming it; a foreign cls_bpf filter there shares the priority, and cls_bpf runs the newest
+first, i.e. ours); our programs return TC_ACT_UNSPEC so the filters after ours still run; a filter
+at a lower priority runs before ours and, if it ends classification, hides packets from us:
+attach() reports those (``Hook.preceding`` and a warning); so do tcx programs, which all run
+before cls_bpf and cannot be seen from here. Detaching removes only our filters (checked by
+program id), and the clsact qdisc only if we created it and no filter is left.
 A filter outlives its process, so close() runs on exceptions (context manager), at interpreter exit
 and on garbage collection, and :func:`close_on_signals` extends that to SIGTERM/SIGINT/SIGHUP.
 An agent killed with SIGKILL leaves its filters behind; the next attach at the same priority/handle
 replaces a filter whose program is named ``otelflow_*`` (a stale one of ours) instead of failing.
-
-tcx (the link-based TC attach of kernels >= 6.6: no qdisc, runs before every cls_bpf filter,
-detaches when the link's fd closes, so even SIGKILL leaves nothing behind) is not used yet: libbpf
-1.1 (Debian 12) predates bpf_program__attach_tcx, so the loader uses cls_bpf through libbpf's
-bpf_tc_* API. (Measured here: libbpf 1.1's generic bpf_link_create(prog_fd, ifindex,
-BPF_TCX_INGRESS=46 / BPF_TCX_EGRESS=47, NULL) does create working tcx links on this 6.18 kernel:
-the way to a tcx backend without a newer libbpf.)
 
 Draining: the program counts into one of two hash maps, chosen through a one-slot ARRAY_OF_MAPS.
 drain() points the slot at the other (empty) map; the kernel's map-in-map update waits for every
@@ -74,6 +83,8 @@ DEFAULT_PRIORITY = 1  # run first: a filter before ours that ends classification
 DEFAULT_HANDLE = 0x0F10  # "flo"
 PROG_INGRESS = "otelflow_in"  # BPF object names are at most 15 characters
 PROG_EGRESS = "otelflow_out"
+ATTACH_MODES = ("auto", "tcx", "tc")  # source.ebpf.attach
+_TCX = {"ingress": lb.BPF_TCX_INGRESS, "egress": lb.BPF_TCX_EGRESS}
 
 # struct flow_key / struct flow_val of bpf/flow.bpf.c (tests check them against the object's BTF)
 KEY = struct.Struct("=16s16sHHBB2x")  # saddr, daddr, sport, dport, family, proto, pad
@@ -231,19 +242,22 @@ class Drain:
 @dataclass(slots=True)
 class Hook:
     direction: str  # "ingress" | "egress"
-    priority: int
-    handle: int
+    priority: int  # tc: the filter's priority; tcx: 0
+    handle: int  # tc: the filter's handle; tcx: 0
     prog_id: int
-    preceding: list[tcnl.TcFilter]  # first filter of each lower priority: they run before ours
+    preceding: list[tcnl.TcFilter]  # tc: first filter of each lower priority: they run before ours
+    backend: str = "tc"  # "tc" (cls_bpf filter) | "tcx" (link)
+    link_fd: int = -1  # tcx: the link's fd (closing it detaches)
 
 
 @dataclass(slots=True)
 class Attachment:
     ifname: str
     ifindex: int
-    created_clsact: bool  # we created the clsact qdisc (and may remove it)
+    created_clsact: bool  # we created the clsact qdisc (and may remove it); tcx: never
     hooks: dict[str, Hook] = field(default_factory=dict)
     covered: bool = False  # registered with cover(): no program attached
+    backend: str = "tc"  # "tc" | "tcx"; covered interfaces: the counter's backend, unused
 
 
 class _Closable(Protocol):
@@ -304,6 +318,7 @@ class _State:
         self.attachments: dict[int, Attachment] = {}
         self.prog_fds: dict[str, int] = {}
         self.prog_ids: set[int] = set()
+        self.loaded_ids: dict[str, int] = {}  # program name -> id (tcx hooks report these)
         self.ifaces_fd = -1
         self.lock = threading.RLock()
 
@@ -341,10 +356,26 @@ def _query_prog_id(ifindex: int, direction: str, priority: int, handle: int) -> 
     return o.prog_id if r == 0 else 0
 
 
+def _close_links(att: Attachment) -> None:
+    """Close the tcx link fds of an attachment (the kernel detaches each link as its fd closes)."""
+    for direction, hk in list(att.hooks.items()):
+        if hk.link_fd >= 0:
+            os.close(hk.link_fd)
+            hk.link_fd = -1
+        del att.hooks[direction]
+
+
 def _detach(st: _State, ifindex: int) -> None:
-    """Remove our filters from one interface, then our clsact if it is empty. Caller holds st.lock."""
+    """Remove our filters (tc) or links (tcx) from one interface, then our clsact if it is empty.
+    Caller holds st.lock."""
     att = st.attachments[ifindex]
     L = lb.lib()
+    if att.backend == "tcx":
+        _close_links(att)
+        if st.ifaces_fd >= 0:
+            L.bpf_map_delete_elem(st.ifaces_fd, C.byref(C.c_uint32(ifindex)))
+        del st.attachments[ifindex]
+        return
     with tcnl.in_netns(st.ns):
         # remove a clsact we created only where we just removed our own filters (proof that the
         # ifindex still names the same interface), or when none were attached yet (a rollback)
@@ -401,9 +432,12 @@ class FlowCounter(Loaded[_State]):
         *,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         netns: str | None = None,
+        attach_mode: str = "auto",
     ) -> None:
         if not 1 <= max_entries <= (1 << 24):
             raise ValueError(f"max_entries {max_entries}: must be 1..16777216")
+        if attach_mode not in ATTACH_MODES:
+            raise ValueError(f"attach_mode {attach_mode!r}: must be one of {', '.join(ATTACH_MODES)}")
         L = lb.lib()
         self.path = str(path or DEFAULT_OBJECT)
         self.max_entries = max_entries
@@ -417,13 +451,16 @@ class FlowCounter(Loaded[_State]):
             for prog in (PROG_INGRESS, PROG_EGRESS):
                 p = lb.check(L.bpf_object__find_program_by_name(st.obj, prog.encode()), f"program {prog}")
                 st.prog_fds[prog] = lb.check(L.bpf_program__fd(p), f"bpf_program__fd({prog})")
+                st.loaded_ids[prog] = lb.prog_id(st.prog_fds[prog])
+            self.attach_mode, self.attach_reason = _choose_backend(attach_mode, netns)
         except BaseException:
             self._finalizer()
             raise
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:
-        """Detach everything (only our filters; our clsact if empty) and unload. Idempotent."""
+        """Detach everything (our links; or only our filters and our clsact if empty) and unload.
+        Idempotent."""
         super().close()
 
     @property
@@ -449,9 +486,11 @@ class FlowCounter(Loaded[_State]):
         priority: int = DEFAULT_PRIORITY,
         handle: int = DEFAULT_HANDLE,
     ) -> Attachment:
-        """Attach to clsact ingress and/or egress of an Ethernet interface (name or index) in this
-        counter's namespace. Packets received on an interface whose ingress is attached are not
-        counted again when they leave through another attached interface's egress."""
+        """Attach to the ingress and/or egress hook of an Ethernet interface (name or index) in this
+        counter's namespace, with this counter's backend (``attach_mode``: tcx links first in the
+        chain, or cls_bpf filters at ``priority``/``handle``, which tcx ignores). Packets received
+        on an interface whose ingress is attached are not counted again when they leave through
+        another attached interface's egress."""
         st = self._need_open()
         if not (ingress or egress):
             raise ValueError("attach: choose ingress, egress or both")
@@ -468,15 +507,22 @@ class FlowCounter(Loaded[_State]):
             kind = tcnl.link_type(ifname)
             if kind != tcnl.ARPHRD_ETHER:
                 raise EbpfError(f"attach: {ifname} is not an Ethernet interface (ARPHRD {kind}): unsupported")
-            hook = _hook_struct(ifindex, lb.BPF_TC_INGRESS | lb.BPF_TC_EGRESS)
-            r = L.bpf_tc_hook_create(C.byref(hook))
-            if r < 0 and r != -errno.EEXIST:
-                lb.check(r, f"bpf_tc_hook_create({ifname}): creating the clsact qdisc")
-            att = Attachment(ifname, ifindex, created_clsact=(r == 0))
+            if self.attach_mode == "tcx":
+                att = Attachment(ifname, ifindex, created_clsact=False, backend="tcx")
+            else:
+                hook = _hook_struct(ifindex, lb.BPF_TC_INGRESS | lb.BPF_TC_EGRESS)
+                r = L.bpf_tc_hook_create(C.byref(hook))
+                if r < 0 and r != -errno.EEXIST:
+                    lb.check(r, f"bpf_tc_hook_create({ifname}): creating the clsact qdisc")
+                att = Attachment(ifname, ifindex, created_clsact=(r == 0))
             st.attachments[ifindex] = att
             try:
                 for direction, wanted in (("ingress", ingress), ("egress", egress)):
-                    if wanted:
+                    if not wanted:
+                        continue
+                    if att.backend == "tcx":
+                        att.hooks[direction] = self._attach_tcx(att, direction)
+                    else:
                         att.hooks[direction] = self._attach_one(att, direction, priority, handle)
                 if ingress:
                     flags = C.c_uint32(IFACE_INGRESS)
@@ -490,6 +536,17 @@ class FlowCounter(Loaded[_State]):
                 st.attachments.pop(ifindex, None)
                 raise
         return att
+
+    def _attach_tcx(self, att: Attachment, direction: str) -> Hook:
+        """A tcx link of our program on one hook, first in the chain. Caller is in the namespace."""
+        st = self._s
+        prog = PROG_INGRESS if direction == "ingress" else PROG_EGRESS
+        o = lb.bpf_link_create_opts(sz=C.sizeof(lb.bpf_link_create_opts), flags=lb.BPF_F_BEFORE)
+        r = lb.lib().bpf_link_create(st.prog_fds[prog], att.ifindex, _TCX[direction], C.byref(o))
+        lb.check(r, f"bpf_link_create({att.ifname} tcx {direction}, first in chain)")
+        pid = st.loaded_ids[prog]
+        st.prog_ids.add(pid)
+        return Hook(direction, 0, 0, pid, [], backend="tcx", link_fd=r)
 
     def _attach_one(self, att: Attachment, direction: str, priority: int, handle: int) -> Hook:
         st = self._s
@@ -554,7 +611,7 @@ class FlowCounter(Loaded[_State]):
             ifindex, ifname = self._resolve(interface)
             if ifindex in st.attachments:
                 raise EbpfError(f"cover: {ifname} is already registered")
-            att = Attachment(ifname, ifindex, created_clsact=False, covered=True)
+            att = Attachment(ifname, ifindex, created_clsact=False, covered=True, backend=self.attach_mode)
             flags = C.c_uint32(IFACE_COVERED)
             lb.check(
                 L.bpf_map_update_elem(st.ifaces_fd, C.byref(C.c_uint32(ifindex)), C.byref(flags), 0),
@@ -564,7 +621,8 @@ class FlowCounter(Loaded[_State]):
         return att
 
     def detach(self, interface: str | int) -> None:
-        """Remove our filters (and our empty clsact) from one interface, or forget a covered one."""
+        """Remove our links (tcx), or our filters and our empty clsact (tc), from one interface, or
+        forget a covered one."""
         st = self._need_open()
         with st.lock:
             with tcnl.in_netns(st.ns):
@@ -580,14 +638,16 @@ class FlowCounter(Loaded[_State]):
             _detach(st, ifindex)
 
     def forget(self, ifindex: int) -> bool:
-        """An interface is gone (its filters and qdisc went with it): drop it from our state and
-        from the ifaces map, with no tc call (the index may already name a new device). Returns
-        whether it was known."""
+        """An interface is gone (its filters and qdisc went with it; the kernel detached our tcx
+        links from it): drop it from our state and from the ifaces map, with no tc call (the index
+        may already name a new device), closing its link fds. Returns whether it was known."""
         st = self._need_open()
         L = lb.lib()
         with st.lock:
-            if st.attachments.pop(ifindex, None) is None:
+            att = st.attachments.pop(ifindex, None)
+            if att is None:
                 return False
+            _close_links(att)
             L.bpf_map_delete_elem(st.ifaces_fd, C.byref(C.c_uint32(ifindex)))
             return True
 
@@ -664,6 +724,23 @@ class FlowCounter(Loaded[_State]):
     @property
     def _vals(self) -> C.Array[C.c_char] | None:
         return self._maps.vals
+
+
+def _choose_backend(requested: str, netns: str | None) -> tuple[str, str]:
+    """("tcx" | "tc", why) for an attach mode: "auto" is tcx when a real tcx attach on lo works
+    (features.probe_tcx_attach), else tc; "tcx" forced where the probe fails is an EbpfError."""
+    if requested == "tc":
+        return "tc", "requested (source.ebpf.attach=tc)"
+    from otelflow.ebpf.features import probe_tcx_attach
+
+    p = probe_tcx_attach(netns)
+    if requested == "tcx":
+        if not p.ok:
+            raise EbpfError(f"attach mode tcx: unavailable here ({p.detail})")
+        return "tcx", "requested (source.ebpf.attach=tcx)"
+    if p.ok:
+        return "tcx", "auto: the kernel has tcx"
+    return "tc", f"auto: no tcx ({p.detail})"
 
 
 def close_on_signals(

@@ -6,9 +6,11 @@
             flows (otelflow.ebpf.join), return FlowDeltas like the conntrack source's
     close   detach everything we attached (also run on SIGTERM/SIGINT through the agent's stop)
 
-Where it attaches (one node = one network namespace): clsact ingress and egress of every Ethernet
-interface that is not a bridge (the host side of each pod veth, and the uplinks), filtered by
-``source.ebpf.interfaces``/``exclude_interfaces``; bridges are "covered" when every port is attached.
+Where it attaches (one node = one network namespace): the TC ingress and egress hooks (tcx links
+first in the chain where the kernel has tcx, else cls_bpf on clsact: ``source.ebpf.attach``, see
+loader.py) of every Ethernet interface that is not a bridge (the host side of each pod veth, and
+the uplinks), filtered by ``source.ebpf.interfaces``/``exclude_interfaces``; bridges are "covered"
+when every port is attached.
 The programs count a packet at the first attached ingress it crosses, or at egress when it was
 generated on the node (host-network pods, node processes) or entered through an unwatched
 interface, so every packet the node handles is counted exactly once per node, with the addresses it
@@ -49,6 +51,7 @@ class EbpfStats:
     polls: int = 0
     interfaces: int = 0  # interfaces with our programs attached now
     covered: int = 0  # bridges covered now
+    attach_mode: str = ""  # TC attach backend in use: "tcx" | "tc"
     attach_errors: int = 0  # attach attempts that failed (the interface is then not counted)
     link_events: int = 0
     map_capacity: int = 0  # entries one flow map holds (per interval)
@@ -118,7 +121,9 @@ class EbpfSource:
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         try:
-            self.counter = FlowCounter(max_entries=self.cfg.ebpf.max_entries)
+            ebpf = self.cfg.ebpf
+            self.counter = FlowCounter(max_entries=ebpf.max_entries, attach_mode=ebpf.attach)
+            self.stats.attach_mode = self.counter.attach_mode
             self.links = LinkWatcher()
             for link in self.links.start():
                 self._links[link.index] = link
@@ -129,7 +134,9 @@ class EbpfSource:
             self.close()
             raise
         log.info(
-            "eBPF: counting on %d interface(s) (%s), %d bridge(s) covered",
+            "eBPF: attach backend %s (%s); counting on %d interface(s) (%s), %d bridge(s) covered",
+            self.counter.attach_mode,
+            self.counter.attach_reason,
             self.stats.interfaces,
             ", ".join(sorted(a.ifname for a in self.counter.attachments.values() if not a.covered)),
             self.stats.covered,
@@ -172,7 +179,7 @@ class EbpfSource:
             self.links.close()
             self.links = None
         if self.counter is not None:
-            self.counter.close()  # detaches every filter we attached
+            self.counter.close()  # detaches every link or filter we attached
             self.counter = None
         if self.health is not None:
             self.health.close()  # detaches the tracing programs

@@ -81,6 +81,9 @@ class FlowResult:
     # TCP segments each side's socket retransmitted (TCP_INFO tcpi_total_retrans at close)
     up_retransmits: int = 0
     down_retransmits: int = 0
+    # each side's smoothed RTT at close, microseconds (TCP_INFO tcpi_rtt; 0: unreadable or not TCP)
+    up_rtt_us: int = 0  # the client's socket (it sends the up bytes)
+    down_rtt_us: int = 0  # the server's socket
     started: float = 0.0
     finished: float = 0.0
     error: str | None = None
@@ -100,6 +103,15 @@ def total_retrans(sock: socket.socket) -> int:
     except OSError:
         return 0
     return int.from_bytes(raw[100:104], sys.byteorder) if len(raw) >= 104 else 0
+
+
+def tcp_rtt_us(sock: socket.socket) -> int:
+    """tcpi_rtt of a TCP socket in microseconds (0 if unreadable): struct tcp_info's u32 at offset 68."""
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return 0
+    return int.from_bytes(raw[68:72], sys.byteorder) if len(raw) >= 72 else 0
 
 
 def _raise_nofile(need: int) -> None:
@@ -243,6 +255,7 @@ class TrafficGenerator:
             r.finished = time.time()
             if spec.proto == "tcp":
                 r.up_retransmits = total_retrans(sock)
+                r.up_rtt_us = tcp_rtt_us(sock)
             sock.close()
 
     async def _tcp_client(self, sock: socket.socket, r: FlowResult) -> None:
@@ -329,6 +342,7 @@ class TrafficGenerator:
         finally:
             if r is not None:
                 r.down_retransmits = total_retrans(conn)
+                r.down_rtt_us = tcp_rtt_us(conn)
             conn.close()
             if r is not None and r._done:
                 r._done.set()

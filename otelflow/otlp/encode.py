@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 
 _FIXED64 = struct.Struct("<Q").pack
 _DOUBLE = struct.Struct("<d").pack
+DOUBLE = _DOUBLE  # a double as 8 little-endian bytes (fixed64 wire type)
 
 TEMPORALITY_DELTA = 1
 TEMPORALITY_CUMULATIVE = 2
@@ -34,6 +35,9 @@ def _varint_slow(n: int) -> bytes:
 _SMALL = tuple(_varint_slow(i) for i in range(1 << 14))  # constant table: 1- and 2-byte varints
 # 14 low bits as two varint bytes that both carry the continuation bit (more bytes follow)
 _CONT = tuple(bytes(((x & 0x7F) | 0x80, (x >> 7) | 0x80)) for x in range(1 << 14))
+# for inline encoders: varint(n) is SMALL_VARINTS[n] for 0 <= n < 16384, and
+# CONT_VARINTS[n & 0x3FFF] + SMALL_VARINTS[n >> 14] for 16384 <= n < 2**28
+SMALL_VARINTS, CONT_VARINTS = _SMALL, _CONT
 
 
 def varint(n: int) -> bytes:
@@ -85,6 +89,7 @@ def attributes(
 
 
 _SHORT_STR = 256  # string values shorter than this use Key's prefix table; longer ones are framed directly
+SHORT_STR = _SHORT_STR
 
 
 def _framed_prefix(field: int, inner_head: bytes, n: int) -> bytes:
@@ -98,7 +103,7 @@ class Key:
     concatenation: ``prefix[len(value bytes)] + value bytes``. Same bytes as ``ld(field,
     keyvalue(name, v))``."""
 
-    __slots__ = ("_ints", "_strs", "field", "name")
+    __slots__ = ("_ints", "_strs", "double_prefix", "field", "int_prefixes", "name", "str_prefixes")
 
     def __init__(self, field: int, name: str) -> None:
         self.field = field
@@ -106,15 +111,22 @@ class Key:
         k = ld(1, name.encode())
         # KeyValue{key=1, value=2: AnyValue{int_value=3 (varint, 1..10 bytes)}}
         self._ints = tuple(_framed_prefix(field, k + b"\x12" + _SMALL[1 + n] + b"\x18", n) for n in range(11))
+        self.int_prefixes = self._ints  # indexed by the value's varint length: prefix + varint(v)
+        # KeyValue{key=1, value=2: AnyValue{double_value=4 (fixed64)}}
+        self.double_prefix = _framed_prefix(field, k + b"\x12\x09\x21", 8)  # + the 8-byte double
         # KeyValue{key=1, value=2: AnyValue{string_value=1 (n bytes)}}
         self._strs = tuple(
             _framed_prefix(field, k + b"\x12" + varint(1 + len(varint(n)) + n) + b"\x0a" + varint(n), n)
             for n in range(_SHORT_STR)
         )
+        self.str_prefixes = self._strs  # indexed by the UTF-8 length (< SHORT_STR): prefix + the bytes
 
     def of_int(self, v: int) -> bytes:
         b = _SMALL[v] if 0 <= v < 16384 else varint(v)
         return self._ints[len(b)] + b
+
+    def of_double(self, v: float) -> bytes:
+        return self.double_prefix + _DOUBLE(v)
 
     def of_str(self, v: str) -> bytes:
         b = v.encode()
@@ -263,3 +275,46 @@ def chunks(items: Sequence[bytes], limit: int, overhead: int = 0) -> list[list[b
     if cur:
         out.append(cur)
     return out
+
+
+# ---- histograms: Metric.histogram=9{data_points=1, aggregation_temporality=2} ----------------------
+# HistogramDataPoint: start_time_unix_nano=2 (fixed64), time_unix_nano=3 (fixed64), count=4 (fixed64),
+# sum=5 (double), bucket_counts=6 (packed fixed64), explicit_bounds=7 (packed double), attributes=9,
+# min=11 (double), max=12 (double)
+_HIST_HEAD = struct.Struct("<BQBQBQBd")  # start, time, count, sum
+
+
+def histogram_bounds(bounds: Sequence[float]) -> bytes:
+    """explicit_bounds=7 as a packed field (constant per metric: encode it once)."""
+    return ld(7, struct.pack(f"<{len(bounds)}d", *bounds))
+
+
+def histogram_point(
+    attrs: bytes,
+    start_ns: int,
+    time_ns: int,
+    count: int,
+    total: float,
+    bucket_counts: Sequence[int],
+    bounds: bytes,
+    min_max: tuple[float, float] | None = None,
+) -> bytes:
+    """One HistogramDataPoint framed as a data_points=1 field. ``attrs``: the attributes=9 block;
+    ``bounds``: histogram_bounds(...); ``min_max``: omitted when None."""
+    body = [
+        attrs,
+        _HIST_HEAD.pack(0x11, start_ns, 0x19, time_ns, 0x21, count, 0x29, total),
+        ld(6, struct.pack(f"<{len(bucket_counts)}Q", *bucket_counts)),
+        bounds,
+    ]
+    if min_max is not None:
+        body.append(b"\x59" + _DOUBLE(min_max[0]) + b"\x61" + _DOUBLE(min_max[1]))
+    n = sum(map(len, body))
+    return b"".join([_LD_TAGS[1], varint(n), *body])
+
+
+def histogram_metric(head: bytes, points: Sequence[bytes], temporality: int) -> bytes:
+    """Metric with histogram=9: Histogram{data_points=1 (already framed), aggregation_temporality=2}."""
+    tail = b"\x10" + varint(temporality)
+    n = sum(map(len, points)) + len(tail)
+    return b"".join([head, _LD_TAGS[9], varint(n), *points, tail])

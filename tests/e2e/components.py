@@ -108,7 +108,12 @@ class Collector:
                         attrs = {}
                         for kv in rec.get("attributes", []):
                             v = kv["value"]
-                            attrs[kv["key"]] = int(v["intValue"]) if "intValue" in v else v.get("stringValue")
+                            if "intValue" in v:
+                                attrs[kv["key"]] = int(v["intValue"])
+                            elif "doubleValue" in v:
+                                attrs[kv["key"]] = float(v["doubleValue"])
+                            else:
+                                attrs[kv["key"]] = v.get("stringValue")
                         out.append(attrs)
         return out
 

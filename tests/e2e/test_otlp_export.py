@@ -1,7 +1,8 @@
 """Agents on two netlab nodes -> a real OpenTelemetry Collector (OTLP gRPC from one node, OTLP/HTTP
-from the other) -> its Prometheus exporter scraped by a real Prometheus, and its file exporter for
-flow logs. PromQL totals must equal the kernel's truth counters per scenario and direction, counted
-once across the cluster; flow logs must carry both ends' names and the exact bytes, once per flow."""
+from the other, both gzip: grpc core's level over gRPC, level 1 over HTTP) -> its Prometheus exporter
+scraped by a real Prometheus, and its file exporter for flow logs. PromQL totals must equal the
+kernel's truth counters per scenario and direction, counted once across the cluster; flow logs must
+carry both ends' names and the exact bytes, once per flow."""
 
 from __future__ import annotations
 
@@ -79,7 +80,12 @@ def e2e(
         col = Collector(collector_bin, fabric, ip, work)
         prom = Prometheus(fabric, ip, f"{ip}:9464", work)
         inv = lab.write_inventory(str(work / "inventory.yaml"))
-        env = {"OTEL_METRIC_EXPORT_INTERVAL": "1000", "OTEL_SERVICE_NAME": "otelflow"}
+        env = {
+            "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+            "OTEL_SERVICE_NAME": "otelflow",
+            "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",  # the default, as the README recommends it
+            "OTELFLOW_EXPORT__OTLP__COMPRESSION_LEVEL": "1",  # HTTP's level (gRPC: grpc core's)
+        }
         node_env = {
             "node-a": {
                 "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{ip}:4317",

@@ -1,7 +1,9 @@
 """`otelflow check` on a lab node, as a real process in the node's namespace: healthy, accounting
 off, without privileges, with capabilities dropped (setpriv), and the TC attach probe's promise to
 leave nothing behind (a foreign clsact filter untouched, an exception mid-probe, a probe killed with
-SIGKILL). The API server and collector lines are judged in tests/e2e/test_check_components.py."""
+SIGKILL), and the tcx probe's (a foreign tcx program untouched, nothing of its own left; which
+attach line counts per source.ebpf.attach). The API server and collector lines are judged in
+tests/e2e/test_check_components.py."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from otelflow.ebpf import features
 from otelflow.netlab import ns as nsu
 from otelflow.netlab.lab import Lab
 from otelflow.netlab.topology import NodeSpec, PodSpec, Topology
+from tests.kernel.tcx import TCX_NEXT, foreign_tcx, tcx_chain
 
 EBPF_CAPS = "-bpf,-perfmon,-sys_admin"
 ALL_CAPS = "-net_admin,-bpf,-perfmon,-sys_admin"
@@ -76,11 +79,16 @@ def test_healthy_node_passes(lab: Lab) -> None:
         "kernel BTF",
         "bpf() permitted",
         "tc attach",
+        "tcx attach",
         "capability CAP_NET_ADMIN",
         "capability CAP_BPF",
     ):
         assert c[name]["status"] == "pass", c[name]
     assert "nothing left" in c["tc attach"]["detail"]
+    assert c["tc attach"]["detail"].endswith("(not used: the eBPF source attaches with tcx)")
+    assert "nothing left" in c["tcx attach"]["detail"]
+    assert c["tcx attach"]["detail"].endswith("; the eBPF source attaches with tcx")
+    assert tcx_chain(netns_path(lab), "lo", "ingress") == []
     assert c["flow source"]["status"] == "pass" and c["flow source"]["detail"].startswith("ebpf (auto: ")
     assert c["conntrack accounting"]["status"] == "pass"
     assert c["conntrack dump"]["status"] == "pass" and c["conntrack events"]["status"] == "pass"
@@ -128,7 +136,7 @@ def test_no_capabilities_fails_each_line_with_its_remedy(lab: Lab) -> None:
     for name in ("capability CAP_NET_ADMIN", "conntrack dump", "conntrack events"):
         assert c[name]["status"] == "fail" and "CAP_NET_ADMIN" in c[name]["remedy"], c[name]
     # eBPF problems only warn with source.mode=auto: the agent falls back to conntrack
-    for name in ("bpf() permitted", "tc attach"):
+    for name in ("bpf() permitted", "tc attach", "tcx attach"):
         assert c[name]["status"] == "warn" and "Operation not permitted" in c[name]["detail"], c[name]
         assert "CAP_BPF" in c[name]["remedy"]
     assert c["capability CAP_BPF"]["status"] == "warn" and "CAP_BPF" in c["capability CAP_BPF"]["remedy"]
@@ -146,7 +154,13 @@ def test_without_ebpf_capabilities_auto_falls_back_to_conntrack(lab: Lab) -> Non
     assert c["flow source"]["detail"].startswith("conntrack (auto: eBPF unavailable (")
     assert c["capability CAP_NET_ADMIN"]["status"] == "pass" and c["conntrack dump"]["status"] == "pass"
     warned = sorted(n for n, x in c.items() if x["status"] == "warn" and not n.startswith("TCP health"))
-    assert warned == ["bpf() permitted", "capability CAP_BPF", "capability CAP_PERFMON", "tc attach"], c
+    assert warned == [
+        "bpf() permitted",
+        "capability CAP_BPF",
+        "capability CAP_PERFMON",
+        "tc attach",
+        "tcx attach",
+    ], c
     health = {n: x for n, x in c.items() if n.startswith("TCP health")}
     if "TCP health hooks" not in health:  # otelflow.ebpf.health is in the build: one line per feature
         assert sorted(health) == [f"TCP health: {f}" for f in ("resets", "retransmits", "rtt", "state")]
@@ -171,10 +185,20 @@ def test_without_ebpf_capabilities_mode_conntrack_passes(lab: Lab) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     c = by_name(p)
     assert c["flow source"]["detail"] == "conntrack (requested (source.mode=conntrack))"
-    for name in ("bpf() permitted", "tc attach", "capability CAP_BPF"):
+    for name in ("bpf() permitted", "tc attach", "tcx attach", "capability CAP_BPF"):
         assert c[name]["status"] == "skip" and c[name]["detail"].startswith(
             "not used with source.mode=conntrack"
         )
+
+
+def test_forced_tc_backend_is_the_line_that_counts(lab: Lab) -> None:
+    p = check(lab, "--json", env={"OTELFLOW_SOURCE__EBPF__ATTACH": "tc"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    c = by_name(p)
+    assert c["tc attach"]["status"] == "pass"
+    assert c["tc attach"]["detail"].endswith("; the eBPF source attaches with tc")
+    assert c["tcx attach"]["status"] == "pass"
+    assert c["tcx attach"]["detail"].endswith("(not used: source.ebpf.attach=tc)")
 
 
 def test_config_error_is_exit_2(lab: Lab) -> None:
@@ -290,3 +314,24 @@ def test_btf_probe_on_the_kernel_and_on_broken_copies(tmp_path: Path) -> None:
     ):
         p = features.probe_btf(path)
         assert not p.ok and want in p.detail and "CONFIG_DEBUG_INFO_BTF" in p.remedy, (path, p)
+
+
+# ---- the tcx attach probe disturbs nobody ------------------------------------------------------------
+
+
+def test_tcx_probe_leaves_a_foreign_tcx_program_alone_and_nothing_of_its_own(lab: Lab) -> None:
+    before = lo_state(lab)
+    with foreign_tcx(netns_path(lab), "lo", "ingress", TCX_NEXT) as theirs:
+        p = features.probe_tcx_attach(netns_path(lab))
+        assert p.ok and "nothing left" in p.detail, p
+        assert tcx_chain(netns_path(lab), "lo", "ingress") == [theirs.prog_id]
+        assert tcx_chain(netns_path(lab), "lo", "egress") == []
+    assert tcx_chain(netns_path(lab), "lo", "ingress") == []
+    assert lo_state(lab) == before  # no qdisc, no filter
+
+
+def test_concurrent_tcx_probes_all_pass_and_leave_nothing(lab: Lab) -> None:
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: features.probe_tcx_attach(netns_path(lab)), range(8)))
+    assert [r.ok for r in results] == [True] * 8, results
+    assert tcx_chain(netns_path(lab), "lo", "ingress") == []

@@ -15,9 +15,15 @@ packets, per direction, must equal an independent count exactly:
   carries, while our programs see the super-packets and must arrive at the same numbers by
   arithmetic. UDP GSO (UDP_SEGMENT) gives a second, purely arithmetic reference.
 
+Both attach backends: tcx links (first in the interface's tcx chain; the default here, kernel 6.18)
+and cls_bpf filters on clsact (``attach_mode="tc"``). The scenario table and the UDP GSO cases run
+under both; the tests that inspect tc filters force "tc"; the tcx tests check the chain order with
+BPF_PROG_QUERY (tests/kernel/tcx.py).
+
 Also: overflow of a small map is counted, foreign tc filters keep working and are never replaced,
-and nothing stays attached after close, an exception, SIGTERM, or (replaced at the next start)
-SIGKILL.
+a foreign tcx program keeps working and one that drops packets after ours does not hide them, and
+nothing stays attached after close, an exception, SIGTERM, or SIGKILL (tc: replaced at the next
+start; tcx: gone with the process).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from otelflow.netlab import ns as nsu
 from otelflow.netlab.lab import Lab
 from otelflow.netlab.topology import ExternalSpec, NodeSpec, PodSpec, Topology
 from otelflow.netlab.traffic import FlowResult, FlowSpec, TrafficGenerator
+from tests.kernel.tcx import ETH_HLEN, TCX_DROP, TCX_NEXT, foreign_tcx, tcx_chain, tcx_left
 
 NODES = ["node-a", "node-b"]
 PROTO = {"tcp": 6, "udp": 17}
@@ -105,9 +112,12 @@ def by_key(flows: list[FlowCount]) -> dict[Key, FlowCount]:
 
 
 # ---- offloads off: the lab's truth counters -------------------------------------------------------
-@pytest.fixture(scope="module")
-def scenario_run(demo_lab: Lab) -> tuple[Lab, dict[tuple[str, int], FlowResult], dict[str, Any]]:
-    """Every scenario in both families, concurrently, counted on both nodes, drained once."""
+@pytest.fixture(scope="module", params=["tc", "tcx"])
+def scenario_run(
+    demo_lab: Lab, request: pytest.FixtureRequest
+) -> tuple[Lab, dict[tuple[str, int], FlowResult], dict[str, Any]]:
+    """Every scenario in both families, concurrently, counted on both nodes, drained once; once per
+    attach backend."""
     specs, names = [], []
     for name, (client, server, proto) in SCENARIOS.items():
         for fam in (4, 6):
@@ -117,8 +127,9 @@ def scenario_run(demo_lab: Lab) -> tuple[Lab, dict[tuple[str, int], FlowResult],
                 spec = FlowSpec(client, server, "udp", fam, up=12_000, down=18_000 + fam, datagram=600)  # type: ignore[arg-type]
                 specs.append(spec)
             names.append((name, fam))
-    fcs = {n: counter_on(demo_lab, n) for n in NODES}
+    fcs = {n: counter_on(demo_lab, n, attach_mode=request.param) for n in NODES}
     try:
+        assert all(fc.attach_mode == request.param for fc in fcs.values())
         results = TrafficGenerator(demo_lab).run(specs)
         drains = {n: fc.drain() for n, fc in fcs.items()}
     finally:
@@ -365,11 +376,12 @@ def _udp_gso_roundtrip(
         cli.close()
 
 
+@pytest.mark.parametrize("mode", ["tc", "tcx"])
 @pytest.mark.parametrize("family", [4, 6])
-def test_udp_gso_super_packet_counts_as_its_datagrams(offload_lab: Lab, family: int) -> None:
+def test_udp_gso_super_packet_counts_as_its_datagrams(offload_lab: Lab, family: int, mode: str) -> None:
     lab = offload_lab
     seg, nseg = 1200, 10
-    with counter_on(lab, "n1") as fc:
+    with counter_on(lab, "n1", attach_mode=mode) as fc:
         fc.drain()
         sport = _udp_gso_roundtrip(lab, "a", "b", family, seg, nseg, 16000 + family)
         d = fc.drain()
@@ -379,9 +391,10 @@ def test_udp_gso_super_packet_counts_as_its_datagrams(offload_lab: Lab, family: 
     assert d.stats["gso_packets"] >= 1  # it crossed the veth as one skb
 
 
-def test_udp_gso_segmented_before_the_hook_counts_the_same(demo_lab: Lab) -> None:
+@pytest.mark.parametrize("mode", ["tc", "tcx"])
+def test_udp_gso_segmented_before_the_hook_counts_the_same(demo_lab: Lab, mode: str) -> None:
     # offloads off: the stack segments before the pod's veth, the program sees ten plain packets
-    with counter_on(demo_lab, "node-a") as fc:
+    with counter_on(demo_lab, "node-a", attach_mode=mode) as fc:
         fc.drain()
         sport = _udp_gso_roundtrip(demo_lab, "frontend-0", "cart-0", 4, 1000, 10, 16100)
         d = fc.drain()
@@ -496,7 +509,7 @@ def test_foreign_filter_before_ours_keeps_working_and_is_never_replaced(small_la
     lab = small_lab
     foreign_filter(lab, "vp0", "ingress", prio=1, kind="u32", control="continue")
     try:
-        with FlowCounter(netns=netns_path(lab, "n1")) as fc:
+        with FlowCounter(netns=netns_path(lab, "n1"), attach_mode="tc") as fc:
             with pytest.raises(EbpfError, match="priority 1 is taken by a u32 filter"):
                 fc.attach("vp0")  # our default priority holds another kind: refuse, never replace
             att = fc.attach("vp0", priority=2)
@@ -528,7 +541,7 @@ def test_a_failed_attach_leaves_nothing_of_ours(small_lab: Lab) -> None:
     lab = small_lab
     foreign_filter(lab, "vp0", "egress", prio=1, kind="u32", control="continue")
     try:
-        with FlowCounter(netns=netns_path(lab, "n1")) as fc:
+        with FlowCounter(netns=netns_path(lab, "n1"), attach_mode="tc") as fc:
             with pytest.raises(EbpfError, match="egress: priority 1 is taken"):
                 fc.attach("vp0")  # ingress goes in, egress cannot: the ingress filter is rolled back
             assert fc.attachments == {}
@@ -544,7 +557,7 @@ def test_a_foreign_bpf_filter_at_our_priority_shares_it_and_runs_after_ours(smal
     lab = small_lab
     foreign_filter(lab, "vp0", "ingress", prio=1, kind="bpf", control="pipe")
     try:
-        with FlowCounter(netns=netns_path(lab, "n1")) as fc:
+        with FlowCounter(netns=netns_path(lab, "n1"), attach_mode="tc") as fc:
             att = fc.attach("vp0")
             assert att.hooks["ingress"].preceding == [] and not att.created_clsact
             fc.attach("vp1")
@@ -568,7 +581,7 @@ def test_foreign_filter_that_ends_classification_first_is_reported(small_lab: La
     lab = small_lab
     foreign_filter(lab, "vp0", "ingress", prio=1, kind="u32", control="pipe")
     try:
-        with FlowCounter(netns=netns_path(lab, "n1")) as fc:
+        with FlowCounter(netns=netns_path(lab, "n1"), attach_mode="tc") as fc:
             att = fc.attach("vp0", priority=2)
             assert att.hooks["ingress"].preceding[0].kind == "u32"
             [r] = TrafficGenerator(lab).run([FlowSpec("a", "b", up=50_000, down=50_000)])
@@ -585,7 +598,7 @@ def test_foreign_filter_that_ends_classification_first_is_reported(small_lab: La
 def test_a_clsact_we_created_stays_while_someone_else_uses_it(small_lab: Lab) -> None:
     lab = small_lab
     try:
-        with FlowCounter(netns=netns_path(lab, "n1")) as fc:
+        with FlowCounter(netns=netns_path(lab, "n1"), attach_mode="tc") as fc:
             att = fc.attach("vp0")
             assert att.created_clsact
             foreign_filter(lab, "vp0", "egress", prio=100, kind="bpf", control="continue")  # after ours
@@ -605,7 +618,7 @@ def test_a_clsact_we_created_stays_while_someone_else_uses_it(small_lab: Lab) ->
 
 def test_nothing_stays_attached_after_close(small_lab: Lab) -> None:
     lab = small_lab
-    fc = FlowCounter(netns=netns_path(lab, "n1"))
+    fc = FlowCounter(netns=netns_path(lab, "n1"), attach_mode="tc")
     for dev in ("vp0", "vp1"):
         fc.attach(dev)
     fc.cover("cbr0")
@@ -624,7 +637,10 @@ def test_nothing_stays_attached_after_close(small_lab: Lab) -> None:
 
 def test_an_exception_detaches(small_lab: Lab) -> None:
     lab = small_lab
-    with pytest.raises(RuntimeError, match="boom"), FlowCounter(netns=netns_path(lab, "n1")) as fc:
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        FlowCounter(netns=netns_path(lab, "n1"), attach_mode="tc") as fc,
+    ):
         fc.attach("vp0")
         ids = fc.prog_ids
         raise RuntimeError("boom")
@@ -635,7 +651,8 @@ def test_an_exception_detaches(small_lab: Lab) -> None:
 AGENT = """
 import json, signal, sys
 from otelflow.ebpf.loader import FlowCounter, close_on_signals
-fc = FlowCounter(netns=sys.argv[1])
+fc = FlowCounter(netns=sys.argv[1], attach_mode=sys.argv[2])
+assert fc.attach_mode == sys.argv[2]
 fc.attach("vp0")
 close_on_signals(fc)
 print(json.dumps(sorted(fc.prog_ids)), flush=True)
@@ -643,9 +660,9 @@ signal.pause()
 """
 
 
-def _start_agent(lab: Lab) -> tuple[subprocess.Popen[str], list[int]]:
+def _start_agent(lab: Lab, mode: str) -> tuple[subprocess.Popen[str], list[int]]:
     p = subprocess.Popen(
-        [sys.executable, "-c", AGENT, netns_path(lab, "n1")],
+        [sys.executable, "-c", AGENT, netns_path(lab, "n1"), mode],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -660,7 +677,7 @@ def _start_agent(lab: Lab) -> tuple[subprocess.Popen[str], list[int]]:
 
 def test_sigterm_detaches(small_lab: Lab) -> None:
     lab = small_lab
-    p, ids = _start_agent(lab)
+    p, ids = _start_agent(lab, "tc")
     assert len(filters(lab, "vp0", "ingress")) == 1
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=20) == -signal.SIGTERM  # cleaned up, then died of the signal as before
@@ -670,13 +687,13 @@ def test_sigterm_detaches(small_lab: Lab) -> None:
 
 def test_a_stale_filter_after_sigkill_is_replaced_at_the_next_start(small_lab: Lab) -> None:
     lab = small_lab
-    p, ids = _start_agent(lab)
+    p, ids = _start_agent(lab, "tc")
     p.kill()
     p.wait(timeout=20)
     try:
         # SIGKILL cannot be handled: the filter (and its program) outlive the process
         assert [x["options"]["prog"]["id"] for x in filters(lab, "vp0", "ingress")] == [ids[0]]
-        with FlowCounter(netns=netns_path(lab, "n1")) as fc:
+        with FlowCounter(netns=netns_path(lab, "n1"), attach_mode="tc") as fc:
             fc.attach("vp0")  # replaces the stale otelflow filter instead of failing
             [r] = TrafficGenerator(lab).run([FlowSpec("a", "b", up=30_000, down=30_000)])
             d = fc.drain()
@@ -688,3 +705,136 @@ def test_a_stale_filter_after_sigkill_is_replaced_at_the_next_start(small_lab: L
         assert progs_gone(ids + sorted(new_ids))
     finally:
         reset(lab, "vp0")  # the dead agent's clsact: nobody can tell who created it
+
+
+# ---- tcx: first in the chain, next to a CNI's programs, nothing left behind ----------------------------
+def _send_udp(lab: Lab, client: str, server: str, n: int, size: int, sport: int, dport: int) -> None:
+    """n IPv4 datagrams of `size` payload bytes from a pod, fire and forget (nothing need answer)."""
+    dst = lab.topology.pod_ip(server, 4)
+    code = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        f"s.bind(('', {sport}))\nfor _ in range({n}): s.sendto(b'x' * {size}, ('{dst}', {dport}))"
+    )
+    nsu.ns_run(lab.endpoint(client).netns, [sys.executable, "-c", code])
+
+
+def _at_ingress(flows: list[FlowCount], ifindex: int) -> tuple[int, int]:
+    """(packets, bytes + Ethernet headers) of the IPv4 flows first counted at one interface: what a
+    tc program on that ingress sees as skb->len (offloads off: no super-packets)."""
+    mine = [f for f in flows if f.ifindex == ifindex and f.family == 4]
+    pk = sum(f.packets for f in mine)
+    return pk, sum(f.bytes for f in mine) + ETH_HLEN * pk
+
+
+def test_tcx_goes_first_creates_no_qdisc_and_a_foreign_tcx_program_keeps_working(small_lab: Lab) -> None:
+    lab = small_lab
+    nsp = netns_path(lab, "n1")
+    with foreign_tcx(nsp, "vp0", "ingress", TCX_NEXT) as theirs:  # a CNI's program, there before us
+        with FlowCounter(netns=nsp, attach_mode="tcx") as fc:
+            att = fc.attach("vp0")
+            fc.attach("vp1")
+            fc.cover("cbr0")
+            assert att.backend == "tcx" and not att.created_clsact and att.hooks["ingress"].preceding == []
+            assert tcx_chain(nsp, "vp0", "ingress") == [att.hooks["ingress"].prog_id, theirs.prog_id]
+            assert tcx_chain(nsp, "vp0", "egress") == [att.hooks["egress"].prog_id]
+            assert not has_clsact(lab, "vp0") and not has_clsact(lab, "vp1")  # no qdisc at all
+            before = theirs.counts()
+            [r] = TrafficGenerator(lab).run([FlowSpec("a", "b", up=100_000, down=300_000)])
+            d = fc.drain()
+            after = theirs.counts()
+            ids = fc.prog_ids
+        assert r.ok, r.error
+        f = by_key(d.flows)[(r.client_ip, r.dialed_ip, r.client_port, r.dialed_port, 6)]
+        assert (f.packets, f.bytes) == (r.up_l3_packets, r.up_l3_bytes)
+        down = by_key(d.flows)[(r.dialed_ip, r.client_ip, r.dialed_port, r.client_port, 6)]
+        assert (down.packets, down.bytes) == (r.down_l3_packets, r.down_l3_bytes)
+        # theirs ran after ours on every packet: exactly the IPv4 packets we counted at vp0's ingress
+        assert (after[0] - before[0], after[1] - before[1]) == _at_ingress(d.flows, att.ifindex)
+        # after close: ours are gone; theirs is still attached and still sees the traffic
+        assert tcx_left(nsp, ["vp0", "vp1", "cbr0"]) == [f"vp0 ingress: {theirs.prog_id} foreign_cni"]
+        assert progs_gone(ids)
+        [r2] = TrafficGenerator(lab).run([FlowSpec("a", "b", up=10_000, down=10_000)])
+        assert r2.ok and theirs.counts()[0] - after[0] >= r2.up_l3_packets
+
+
+def test_tcx_counts_the_packets_a_later_program_drops(small_lab: Lab) -> None:
+    """A CNI program that drops (a network policy) runs after ours: every packet it drops was
+    counted first (attached after it, ours still goes first: BPF_F_BEFORE)."""
+    lab = small_lab
+    nsp = netns_path(lab, "n1")
+    n, size = 200, 500
+    with (
+        foreign_tcx(nsp, "vp0", "ingress", TCX_DROP) as theirs,
+        FlowCounter(netns=nsp, attach_mode="tcx") as fc,
+    ):
+        att = fc.attach("vp0")
+        assert tcx_chain(nsp, "vp0", "ingress") == [att.hooks["ingress"].prog_id, theirs.prog_id]
+        fc.drain()
+        before = theirs.counts()
+        _send_udp(lab, "a", "b", n, size, 40505, 9999)
+        d = fc.drain()
+        after = theirs.counts()
+    a_ip, b_ip = str(lab.topology.pod_ip("a", 4)), str(lab.topology.pod_ip("b", 4))
+    f = by_key(d.flows)[(a_ip, b_ip, 40505, 9999, 17)]
+    assert (f.packets, f.bytes) == (n, n * (size + 28))  # IPv4 + UDP headers: exact
+    dropped = (after[0] - before[0], after[1] - before[1])
+    assert dropped == _at_ingress(d.flows, att.ifindex)  # they dropped exactly what we had counted
+    assert dropped[0] >= n
+
+
+def test_tcx_runs_before_a_tc_filter_that_ends_classification(small_lab: Lab) -> None:
+    # the case cls_bpf cannot help (test_foreign_filter_that_ends_classification_first_is_reported):
+    # tcx programs run before every clsact filter
+    lab = small_lab
+    foreign_filter(lab, "vp0", "ingress", prio=1, kind="u32", control="pipe")
+    try:
+        with FlowCounter(netns=netns_path(lab, "n1"), attach_mode="tcx") as fc:
+            fc.attach("vp0")
+            fc.attach("vp1")
+            before = foreign_packets(lab, "vp0", "ingress")
+            [r] = TrafficGenerator(lab).run([FlowSpec("a", "b", up=50_000, down=50_000)])
+            d = fc.drain()
+        assert r.ok, r.error
+        up = by_key(d.flows)[(r.client_ip, r.dialed_ip, r.client_port, r.dialed_port, 6)]
+        assert (up.packets, up.bytes) == (r.up_l3_packets, r.up_l3_bytes)
+        assert foreign_packets(lab, "vp0", "ingress") - before >= r.up_l3_packets  # theirs still ran
+        assert {x["kind"] for x in filters(lab, "vp0", "ingress")} == {"u32"}  # untouched
+    finally:
+        reset(lab, "vp0")
+
+
+def test_tcx_nothing_stays_attached_after_detach_and_close(small_lab: Lab) -> None:
+    lab = small_lab
+    nsp = netns_path(lab, "n1")
+    fc = FlowCounter(netns=nsp, attach_mode="tcx")
+    for dev in ("vp0", "vp1"):
+        fc.attach(dev)
+    fc.cover("cbr0")
+    ids = fc.prog_ids
+    assert len(ids) == 2
+    for dev in ("vp0", "vp1"):
+        assert set(tcx_chain(nsp, dev, "ingress") + tcx_chain(nsp, dev, "egress")) == ids
+    fc.detach("vp1")
+    assert tcx_left(nsp, ["vp1"]) == []
+    fc.close()
+    fc.close()  # idempotent
+    assert tcx_left(nsp, ["vp0", "vp1", "cbr0"]) == []
+    assert not has_clsact(lab, "vp0") and not has_clsact(lab, "vp1")
+    assert progs_gone(ids)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_tcx_leaves_nothing_after_a_signal_even_sigkill(small_lab: Lab, sig: int) -> None:
+    lab = small_lab
+    nsp = netns_path(lab, "n1")
+    with foreign_tcx(nsp, "vp0", "egress", TCX_NEXT) as theirs:
+        p, ids = _start_agent(lab, "tcx")
+        assert tcx_chain(nsp, "vp0", "egress")[1:] == [theirs.prog_id]
+        assert tcx_chain(nsp, "vp0", "egress")[0] in ids and tcx_chain(nsp, "vp0", "ingress")[0] in ids
+        p.send_signal(sig)
+        assert p.wait(timeout=20) == -sig
+        # SIGKILL too: the kernel closed the dead process's link fds, which detached the links
+        assert tcx_chain(nsp, "vp0", "egress") == [theirs.prog_id]
+        assert tcx_chain(nsp, "vp0", "ingress") == []
+        assert not has_clsact(lab, "vp0")
+        assert progs_gone(ids)

@@ -4,8 +4,10 @@ The same scenarios as the conntrack source, against the lab's independent truth 
 flow's bytes and packets per direction exact on every node that sees it, one flow (one id) per
 conversation even through Service NAT (conntrack joins the one-way TC counts), the NAT view right.
 Also: an interface created while the agent runs is attached and counted; nothing stays attached
-after the agent exits; a 64-entry flow map under 1,000 flows reports what it could not count;
-auto mode picks eBPF here and says why.
+(no tc filter, no clsact, no tcx link: BPF_PROG_QUERY on every lab interface) after the agent exits,
+also by SIGKILL; a 64-entry flow map under 1,000 flows reports what it could not count; auto mode
+picks eBPF here and says why. The attach backend is auto, i.e. tcx on this kernel (the main tcx
+coverage); one agent runs with ``source.ebpf.attach: tc`` end to end.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from otelflow.netlab.agents import AgentRun, agents, endpoint_nodes, totals, tru
 from otelflow.netlab.lab import Lab
 from otelflow.netlab.topology import NodeSpec, PodSpec, ServiceSpec, Topology, demo_topology
 from otelflow.netlab.traffic import FlowResult, FlowSpec, TrafficGenerator
+from tests.kernel.tcx import tcx_chain, tcx_left
 
 pytestmark = pytest.mark.kernel
 
@@ -66,9 +69,10 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def our_filters(lab: Lab, node: str) -> list[str]:
-    """tc filters of any otelflow program left on the node's interfaces, and clsact qdiscs."""
+    """tc filters of any otelflow program left on the node's interfaces, clsact qdiscs, and every
+    tcx program on them (the lab attaches none of its own)."""
     netns = lab.node_netns(node)
-    left = []
+    left = tcx_left(f"{nsu.NETNS_RUN_DIR}/{netns}", lab.interfaces()[netns])
     for dev in lab.interfaces()[netns]:
         for d in ("ingress", "egress"):
             out = nsu.ns_run(netns, ["tc", "filter", "show", "dev", dev, d])
@@ -150,6 +154,8 @@ def test_agents_say_why_ebpf_and_leave_nothing_attached(scenario_run: Any) -> No
             metric(text, "otelflow_agent_source", source="ebpf", requested="ebpf", reason="ebpf_ready") == 1
         )
         assert metric(text, "otelflow_agent_ebpf_dropped_packets_total", reason="map_full") == 0
+        assert metric(text, "otelflow_agent_ebpf_attach", mode="tcx") == 1  # auto, on this 6.18 kernel
+        assert "eBPF: attach backend tcx (auto: the kernel has tcx)" in run.stderr
         assert extra[node] == "", f"left attached on {node}:\n{extra[node]}"
 
 
@@ -301,3 +307,51 @@ def test_long_flow_across_many_polls_is_one_flow_and_exact(small_lab: Lab) -> No
     assert len(moving) >= 5  # counted in at least five polls
     assert totals(recs) == truth(r)
     assert len({x["flow_id"] for x in recs}) == 1 and all(x["dnat"] for x in recs)
+
+
+def _tc_filters_named(lab: Lab, dev: str, name: str) -> list[str]:
+    out = []
+    for d in ("ingress", "egress"):
+        text = nsu.ns_run(lab.node_netns("n1"), ["tc", "filter", "show", "dev", dev, d])
+        out += [f"{d}: {x}" for x in text.splitlines() if name in x]
+    return out
+
+
+def test_forced_tc_backend_end_to_end(small_lab: Lab) -> None:
+    """source.ebpf.attach: tc on a kernel that has tcx: cls_bpf filters on clsact, exact counts,
+    nothing left after the agent exits."""
+    lab = small_lab
+    nsp = f"{nsu.NETNS_RUN_DIR}/{lab.node_netns('n1')}"
+    env = {"OTELFLOW_SOURCE__EBPF__ATTACH": "tc"}
+    with agents(lab, ["n1"], poll=0.5, source="ebpf", extra_env=env) as runs:
+        attached = _tc_filters_named(lab, "vp0", "otelflow_")
+        tcx_while = tcx_left(nsp, lab.interfaces()[lab.node_netns("n1")])
+        [r] = TrafficGenerator(lab).run([FlowSpec("a", "svc/s", up=60_000, down=90_000)])
+        time.sleep(1.5)
+        text = metrics_of(lab, "n1")
+    assert r.ok, r.error
+    run = runs["n1"]
+    assert run.proc.returncode == 0, run.stderr[-2000:]
+    assert "eBPF: attach backend tc (requested (source.ebpf.attach=tc))" in run.stderr
+    assert len(attached) == 2 and "otelflow_in" in attached[0] and "otelflow_out" in attached[1], attached
+    assert tcx_while == []
+    assert metric(text, "otelflow_agent_ebpf_attach", mode="tc") == 1
+    recs = run.flows_of(r)
+    assert (
+        totals(recs) == truth(r) and len({x["flow_id"] for x in recs}) == 1 and all(x["dnat"] for x in recs)
+    )
+    assert our_filters(lab, "n1") == []
+
+
+def test_a_sigkilled_agent_leaves_no_tcx_link(small_lab: Lab) -> None:
+    """SIGKILL cannot be handled: with tcx the kernel detaches the links as it closes the dead
+    process's fds (with cls_bpf the filters would stay until the next start replaces them)."""
+    lab = small_lab
+    nsp = f"{nsu.NETNS_RUN_DIR}/{lab.node_netns('n1')}"
+    with agents(lab, ["n1"], poll=0.5, source="ebpf") as runs:
+        chains = {d: tcx_chain(nsp, "vp0", d) for d in ("ingress", "egress")}
+        runs["n1"].proc.kill()
+        runs["n1"].proc.wait(timeout=20)
+    assert runs["n1"].proc.returncode == -9
+    assert [len(c) for c in chains.values()] == [1, 1], chains  # ours, while it ran
+    assert our_filters(lab, "n1") == []

@@ -50,6 +50,7 @@ source:
     exclude_interfaces: vpx*
     idle_timeout: 30s
     tcp_health: false
+    attach: tc
 export:
   interval: 1.5m
   temporality: delta
@@ -63,6 +64,7 @@ export:
     headers:
       authorization: Bearer abc
     compression: none
+    compression_level: 9
     timeout: 2
     certificate: /etc/ca.pem
     client_certificate: /etc/client.pem
@@ -102,6 +104,7 @@ FULL_DICT = {
             "exclude_interfaces": "vpx*",
             "idle_timeout": 30.0,
             "tcp_health": False,
+            "attach": "tc",
         },
     },
     "export": {
@@ -114,6 +117,7 @@ FULL_DICT = {
             "protocol": "http/protobuf",
             "headers": {"authorization": "Bearer abc"},
             "compression": "none",
+            "compression_level": 9,
             "timeout": 2.0,
             "certificate": "/etc/ca.pem",
             "client_certificate": "/etc/client.pem",

@@ -77,7 +77,8 @@ def i(v: int) -> tuple[str, int]:
 
 
 def reference(d: DecoratedFlow) -> dict[str, tuple[str, Any]]:
-    return {k: i(v) if isinstance(v, int) else s(v) for k, v in record_attributes(d)}
+    kinds = {int: "int_value", float: "double_value", str: "string_value"}
+    return {k: (kinds[type(v)], v) for k, v in record_attributes(d)}
 
 
 def decode_logs(items: list[Item]) -> list[Any]:
