@@ -277,10 +277,11 @@ def test_gateway_wiring(rendered: dict[str, list[dict[str, Any]]], tmp_path: Pat
     cfg = agent_config(objs, tmp_path)
     svc = one(objs, "Service", "otelflow-gateway")
     dep = one(objs, "Deployment", "otelflow-gateway")
-    grpc = next(p for p in svc["spec"]["ports"] if p["name"] == "otlp-grpc")
+    http = next(p for p in svc["spec"]["ports"] if p["name"] == "otlp-http")
     ns = svc["metadata"]["namespace"]
-    assert cfg.export.otlp.endpoint == f"http://{svc['metadata']['name']}.{ns}.svc:{grpc['port']}"
-    assert cfg.export.otlp.protocol == "grpc"
+    assert cfg.export.otlp.endpoint == f"http://{svc['metadata']['name']}.{ns}.svc:{http['port']}"
+    assert (cfg.export.otlp.protocol, cfg.export.otlp.compression) == ("http/protobuf", "gzip")
+    assert cfg.export.otlp.compression_level == 1
     pod = dep["spec"]["template"]
     assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
@@ -301,6 +302,7 @@ def test_gateway_wiring(rendered: dict[str, list[dict[str, Any]]], tmp_path: Pat
     assert cm["data"]["gateway.yaml"] == (ROOT / "collector-config/gateway.yaml").read_text()
     gw = yaml.safe_load(cm["data"]["gateway.yaml"])
     assert gw["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].endswith(f":{ports['otlp-grpc']}")
+    assert gw["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(f":{ports['otlp-http']}")
     assert gw["extensions"]["health_check"]["endpoint"].endswith(f":{ports['health']}")
     assert c["livenessProbe"]["httpGet"]["port"] == "health"
     # the stock image at the release the tests validate collector-config/ with
