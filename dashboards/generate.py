@@ -834,6 +834,19 @@ def agent_health() -> dict[str, Any]:
             [Target(rate_node("otelflow_agent_ebpf_unmatched_counts_total"), node)],
             "short",
         ),
+        timeseries(
+            "eBPF: lost TCP health events/s by node",
+            "TCP health events lost, by reason (map_full, kernel_skipped: machine-wide, unjoined) and "
+            "feature (retransmits, rtt, resets, state): the TCP health panels undercount by this much.",
+            [
+                Target(
+                    "sum by (k8s_node_name, reason, feature) "
+                    f"(rate({agent('otelflow_agent_ebpf_health_lost_events_total')}[{RATE}]))",
+                    f"{node} {{{{reason}}}} {{{{feature}}}}",
+                )
+            ],
+            "short",
+        ),
     ]
     return dashboard(
         "otelflow-agent-health",

@@ -502,6 +502,15 @@ SELF_METRICS: tuple[SelfMetric, ...] = (
         "counter",
         "one-way counts conntrack did not name (paired by mirroring: no NAT view)",
     ),
+    SelfMetric(
+        "otelflow_agent_ebpf_health_lost_events_total",
+        "counter",
+        "TCP health events lost, by reason (map_full: the socket map was full; kernel_skipped: the "
+        "kernel did not run the program, recursion on that CPU, counted machine-wide; unjoined: the "
+        "socket's flow was gone before a flow delta could carry them) and feature (retransmits, rtt, "
+        "resets, state)",
+        ("reason", "feature"),
+    ),
 )
 
 

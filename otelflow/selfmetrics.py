@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from otelflow.ebpf.source import HEALTH_FEATURES, HEALTH_LOSS_REASONS
 from otelflow.promexp import escape_label_value
 from otelflow.schema import SELF_METRICS
 
@@ -83,6 +84,12 @@ class SelfMetrics:
             ({"reason": "other"}, getattr(eb, "dropped_bytes", 0) - full_b),
         ]
         v["otelflow_agent_ebpf_unmatched_counts_total"] = [({}, getattr(eb, "unmatched", 0))]
+        lost = getattr(eb, "health_lost", None) or {}
+        v["otelflow_agent_ebpf_health_lost_events_total"] = [
+            ({"reason": r, "feature": f}, lost.get(r, {}).get(f, 0))
+            for r in HEALTH_LOSS_REASONS
+            for f in HEALTH_FEATURES
+        ]
         return v
 
     def render(self) -> str:

@@ -32,7 +32,7 @@ import logging
 import select
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from otelflow.config import SourceConfig
 from otelflow.conntrack.source import ConntrackSource, ConntrackUnavailable
@@ -44,6 +44,21 @@ from otelflow.ebpf.loader import EbpfError, FlowCount, FlowCounter, mono_to_unix
 from otelflow.flow import FlowDelta
 
 log = logging.getLogger(__name__)
+
+HEALTH_FEATURES = ("retransmits", "rtt", "resets", "state")
+HEALTH_LOSS_REASONS = ("map_full", "kernel_skipped", "unjoined")
+# health.DROP_NAMES (events not recorded: socket map full) -> the feature they belong to
+DROP_FEATURE = {
+    "retrans_segs": "retransmits",
+    "retrans_failed": "retransmits",
+    "resets_sent": "resets",
+    "resets_received": "resets",
+    "rtt_samples": "rtt",
+    "opened": "state",
+    "closed": "state",
+    "failed": "state",
+}
+LOSS_WARN_EVERY = 60.0  # seconds between two warnings about lost health events
 
 
 @dataclass(slots=True)
@@ -69,6 +84,13 @@ class EbpfStats:
     health_sockets: int = 0  # socket health records drained
     health_matched: int = 0  # ... joined to a flow this node saw
     health_dropped: int = 0  # health events lost (socket map full)
+    # health events lost, by reason then feature (HEALTH_LOSS_REASONS x HEALTH_FEATURES): map_full
+    # (the socket map was full), kernel_skipped (the kernel did not run the program: recursion on
+    # that CPU; machine-wide), unjoined (the socket's flow was gone before a delta could carry them)
+    health_lost: dict[str, dict[str, int]] = field(
+        default_factory=lambda: {r: dict.fromkeys(HEALTH_FEATURES, 0) for r in HEALTH_LOSS_REASONS}
+    )
+    health_carried: int = 0  # health records held for the next poll (their flow had no delta yet)
 
 
 def _globs(v: str) -> list[str]:
@@ -112,6 +134,13 @@ class EbpfSource:
         self._exclude = _globs(cfg.ebpf.exclude_interfaces)
         self._deferred: list[Count] = []
         self._last_drops = 0
+        # flow id -> health not yet put on a delta (retrans c2s, s2c, resets c2s, s2c, rtt c2s, s2c)
+        self._carry: dict[str, tuple[DirKey, list[int]]] = {}
+        # socket records no flow claimed yet: retried once at the next poll (the socket's flow may be
+        # known only then: conntrack's event read later, or counts deferred to the next poll)
+        self._unclaimed: list[SocketHealth] = []
+        self._loss_warned = -LOSS_WARN_EVERY
+        self._loss_unwarned = 0
 
     @property
     def tracker(self) -> FlowTracker | None:
@@ -288,12 +317,14 @@ class EbpfSource:
             sockets = hd.sockets
             self.stats.health_sockets += len(sockets)
             self.stats.health_dropped += sum(v for k, v in hd.drops.items() if "bytes" not in k)
+            self._count_health_loss(hd.drops, hd.missed)
         ct_deltas = self.conntrack.poll() if self.conntrack is not None else []
         retry, self._deferred = self._deferred, []
         self.stats.counts += len(d.flows)
         out = self._join([to_count(c) for c in d.flows], retry, ct_deltas, final)
         if self.health is not None:
-            self._add_health(out, sockets)
+            self._add_health(out, sockets, final)
+            self._warn_health_loss(final)
         self.index.end_poll()
         return out
 
@@ -355,28 +386,101 @@ class EbpfSource:
         self.stats.lone_flows = len(self.lone)
         return out
 
-    def _add_health(self, out: list[FlowDelta], sockets: list[SocketHealth]) -> None:
+    def _add_health(self, out: list[FlowDelta], sockets: list[SocketHealth], final: bool) -> None:
         """Put each socket's TCP health on the flow (and direction) its sending tuple belongs to;
-        flows without events get zeros (the hooks exist: nothing happened)."""
-        by_fid: dict[str, list[int]] = {}  # retrans c2s, s2c, resets c2s, s2c, rtt c2s, s2c (-1: none)
-        for sh in sockets:
-            hit = self._flow_of(health_key(sh))
+        flows without events get zeros (the hooks exist: nothing happened). Health of a flow with no
+        delta this poll (a retransmission seen by the tracepoint before its packet reached a TC
+        hook, or after the flow's last delta) waits for the flow's next delta; if the flow is gone
+        by then (or the agent stops) its events are counted lost (reason unjoined). A socket record
+        no flow claims is retried once at the next poll (its flow may be known only then: conntrack's
+        event not read yet, or its counts deferred); then it is a socket of no flow this node counts."""
+        # flow id -> (a key of the flow, [retrans c2s, s2c, resets c2s, s2c, rtt c2s, s2c (-1: none),
+        # rtt samples])
+        by_fid: dict[str, tuple[DirKey, list[int]]] = {}
+        for fid, (k, h) in self._carry.items():
+            hit = self._flow_of(k)
+            if hit is not None and hit[0] == fid:
+                by_fid[fid] = (k, h)
+            else:
+                self._lose_unjoined(h)
+        self._carry = {}
+        retry, self._unclaimed = self._unclaimed, []
+        for retried, sh in [*((True, x) for x in retry), *((False, x) for x in sockets)]:  # newest RTT last
+            k = health_key(sh)
+            hit = self._flow_of(k)
             if hit is None:
-                continue
+                if not retried and not final:
+                    self._unclaimed.append(sh)
+                continue  # after the retry: a socket of no flow this node counts (e.g. another node's)
             self.stats.health_matched += 1
-            h = by_fid.get(hit[0])
-            if h is None:
-                h = by_fid[hit[0]] = [0, 0, 0, 0, -1, -1]
+            e = by_fid.get(hit[0])
+            if e is None:
+                e = by_fid[hit[0]] = (k, [0, 0, 0, 0, -1, -1, 0])
+            h = e[1]
             i = 0 if hit[1] == C2S else 1
             h[i] += sh.retrans_segs
             h[2 + i] += sh.resets_sent
             if sh.rtt_samples:
                 h[4 + i] = sh.srtt_us
+                h[6] += sh.rtt_samples
+        zero = [0, 0, 0, 0, -1, -1, 0]
         for d in out:
-            h = by_fid.get(d.flow_id) or [0, 0, 0, 0, -1, -1]
+            h = by_fid[d.flow_id][1] if d.flow_id in by_fid else zero
             d.retransmits_c2s, d.retransmits_s2c, d.resets_c2s, d.resets_s2c = h[:4]
             d.rtt_us_c2s = h[4] if h[4] >= 0 else None
             d.rtt_us_s2c = h[5] if h[5] >= 0 else None
+        put = {d.flow_id for d in out}
+        for fid, (k, h) in by_fid.items():
+            if fid in put:
+                continue
+            if final:
+                self._lose_unjoined(h)
+            else:
+                self._carry[fid] = (k, h)
+                self.stats.health_carried += 1
+        if self._carry:
+            log.debug(
+                "TCP health of %d flow(s) without a delta this poll waits for the next one (%d retransmits)",
+                len(self._carry),
+                sum(h[0] + h[1] for _, h in self._carry.values()),
+            )
+
+    def _lose_unjoined(self, h: list[int]) -> None:
+        lost = self.stats.health_lost["unjoined"]
+        lost["retransmits"] += h[0] + h[1]
+        lost["resets"] += h[2] + h[3]
+        lost["rtt"] += h[6]
+        self._loss_unwarned += h[0] + h[1] + h[2] + h[3] + h[6]
+
+    def _count_health_loss(self, drops: dict[str, int], missed: dict[str, int]) -> None:
+        """Count the health events a drain reports lost (the socket map was full, or the kernel
+        skipped the program)."""
+        lost = self.stats.health_lost
+        for name, n in drops.items():
+            if (f := DROP_FEATURE.get(name)) is not None and n:
+                lost["map_full"][f] += n
+                self._loss_unwarned += n
+        for f, n in missed.items():
+            if f in lost["kernel_skipped"] and n:
+                lost["kernel_skipped"][f] += n
+                self._loss_unwarned += n
+
+    def _warn_health_loss(self, final: bool) -> None:
+        """Warn about lost health events: at most once a minute, and once more when stopping."""
+        now = time.monotonic()
+        if self._loss_unwarned and (final or now - self._loss_warned >= LOSS_WARN_EVERY):
+            lost = self.stats.health_lost
+            log.warning(
+                "TCP health: %d event(s) lost since the last warning (in all: %s); see "
+                "otelflow_agent_ebpf_health_lost_events_total",
+                self._loss_unwarned,
+                "; ".join(
+                    f"{r}: " + ", ".join(f"{f}={n}" for f, n in fs.items() if n)
+                    for r, fs in lost.items()
+                    if any(fs.values())
+                ),
+            )
+            self._loss_warned, self._loss_unwarned = now, 0
 
     def _flow_of(self, k: DirKey) -> tuple[str, int] | None:
         return self.index.lookup(k) or self.lone.lookup(k)
