@@ -249,7 +249,8 @@ class FlowTracker:
                 self._add(f, cur, now)
         self._close(f, now)
         self._tombs[key] = (cur, self._gen)
-        self._finished.append(self._record(f))
+        if f.dirty:  # nothing new (closed and counted already, e.g. at TIME_WAIT): no empty record
+            self._finished.append(self._record(f))
         self.stats.flows = len(self._flows)
 
     def _record(self, f: _Flow) -> FlowDelta:
