@@ -6,6 +6,10 @@
 * A series is identified by its attribute values at the chosen level (workload, pod or flow) after
   include/exclude; the values tuple is interned and its OTLP and Prometheus encodings are computed
   once, when the series is born (the hot path only adds integers).
+* Hot path (``add``): one lookup per record direction gives the series key's bundle: the key's
+  series in every metric and the values of the current batch not yet added to them, which ``add``
+  folds in before it returns (after ``add``, every series is up to date). With eBPF-shaped records
+  this is about twice as fast as a dict lookup per metric and value (bench/otlp_encode.py).
 * Totals are always kept cumulative; delta temporality is derived at export time. A series idle for
   ``idle_intervals`` exports is forgotten (memory is bounded; a returning series restarts with a new
   start time, as OTLP cumulative semantics allow).
@@ -23,7 +27,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from otelflow.decorate import DecoratedFlow
 from otelflow.meta.model import Peer
@@ -97,6 +101,25 @@ class MetricSeries:
     bounds_us: tuple[int, ...] = ()  # a histogram's bucket bounds in microseconds; () = a counter
 
 
+# A bundle: one series key's series in every metric (a slot per metric, in METRIC_NAMES order; None:
+# not looked up yet, expired, or overflowed), then the key itself (slot KEY). The hot path looks a
+# record direction's bundle up once instead of once per metric. A slot only ever holds the series
+# that ``metrics[name].series[key]`` holds: expiry clears the slot; an overflowed value is never kept
+# in a slot, so the key gets its own series once there is room again, as without bundles.
+Bundle = list[Any]
+KEY = 9
+# then a pending sum per counter slot i at 10 + i (bytes, packets, interzone bytes, retransmits and
+# resets: the values the hot path adds; connections go straight to their series), the pending RTT
+# observations, and whether the bundle is in this batch's fold list
+RTTS = 18
+DIRTY = 19
+
+
+def _add(s: Series, v: int) -> None:
+    s.total += v
+    s.changed = True
+
+
 class Aggregator:
     METRIC_NAMES = (
         "otelflow.flow.bytes",
@@ -153,9 +176,11 @@ class Aggregator:
         self._parts: list[tuple[tuple[tuple[str, str | int], ...], bytes]] = []
         bounds = {m.name: tuple(round(b * 1e6) for b in m.bounds) for m in METRICS}
         self.metrics = {n: MetricSeries(n, bounds_us=bounds[n]) for n in self.METRIC_NAMES}
-        self._retransmits = self.metrics["otelflow.tcp.retransmits"]
-        self._resets = self.metrics["otelflow.tcp.resets"]
+        self._metric_list = [self.metrics[n] for n in self.METRIC_NAMES]  # by bundle slot
         self._rtt = self.metrics["otelflow.tcp.rtt"]
+        # series key -> its bundle (see Bundle); empty bundles are dropped when they pile up
+        self._bundles: dict[tuple[int, int, int], Bundle] = {}
+        self._bundles_kept = 0  # bundles after the last drop of empty ones
 
     # ---- attribute values ----------------------------------------------------------------------
     def _end(self, p: Peer, address: str) -> tuple[int, int]:
@@ -220,122 +245,229 @@ class Aggregator:
 
     # ---- input -----------------------------------------------------------------------------------
     def add(self, batch: Iterable[DecoratedFlow]) -> None:
-        """Count a batch into the series. The hot path of the agent: the series of each metric are
-        looked up inline (a method call per value cost more than the rest); ``_series`` makes new
-        ones."""
+        """Count a batch into the series. The hot path of the agent, written out inline on purpose
+        (a method call per value cost more than the rest): per record and direction one lookup
+        gives the key's bundle (``_bundle`` makes it); a value goes into its bundle's
+        pending sum (or RTT list) once its series exists (``_put`` makes it, and counts a value
+        that overflows at once), and ``_fold`` moves the pending values into the series before
+        returning. The two directions' blocks are the same code on the client->server and the
+        server->client fields; connections (fewer values) go straight to their series."""
         now = self.clock_ns()
-        m = self.metrics
-        nbytes, npackets, nzone = (m[n] for n in self.METRIC_NAMES[:3])
-        nopened, nclosed, nactive = (m[n] for n in self.METRIC_NAMES[3:6])
-        bytes_get, packets_get, zone_get = nbytes.series.get, npackets.series.get, nzone.series.get
-        opened_get, closed_get, active_get = nopened.series.get, nclosed.series.get, nactive.series.get
-        new, end, flow = self._series, self._end, self._flow
-        by_peer = None if self._uses_address else self._end_by_peer
+        by_peer = None if self._uses_address else self._end_by_peer.get
+        flow_get, bundles_get, bundle = self._flow_cache.get, self._bundles.get, self._bundle
+        slot, put, put_rtt, add = self._slot, self._put, self._put_rtt, _add
+        touched: list[Bundle] = []
         records = 0
         for d in batch:
             records += 1
-            f, c, s = d.flow, d.client, d.server
-            fl = flow((f.transport, f.family, f.server_port, d.service.name if d.service else ""))
+            f, c, s, svc = d.flow, d.client, d.server, d.service
+            sname = svc.name if svc is not None else ""
+            fk = (f.transport, f.family, f.server_port, sname)
+            fl = flow_get(fk)
+            if fl is None:
+                fl = self._flow(fk)
             if by_peer is None:  # an end's ids depend on its address
-                c_src, c_dst = end(c, f.client_ip)
-                s_src, s_dst = end(s, f.server_ip)
-            else:  # they depend on the peer only: look them up by identity (cheaper than by values)
-                hit = by_peer.get(id(c))
-                c_src, c_dst = hit[1] if hit is not None and hit[0] is c else self._end_of(c)
-                hit = by_peer.get(id(s))
-                s_src, s_dst = hit[1] if hit is not None and hit[0] is s else self._end_of(s)
+                c_src, c_dst = self._end(c, f.client_ip)
+                s_src, s_dst = self._end(s, f.server_ip)
+            else:  # they depend on the peer only: look them up by identity (a cached entry holds
+                hit = by_peer(id(c))  # its Peer: an equal id is the same object)
+                c_src, c_dst = hit[1] if hit is not None else self._end_of(c)
+                hit = by_peer(id(s))
+                s_src, s_dst = hit[1] if hit is not None else self._end_of(s)
+            k = (c_src, s_dst, fl)
+            up = bundles_get(k) or bundle(k)
+            k = (s_src, c_dst, fl)
+            down = bundles_get(k) or bundle(k)
             interzone = c.zone and s.zone and c.zone != s.zone
+            tcp = f.retransmits_c2s is not None and f.transport == "tcp"  # TCP health (eBPF source)
             # None: no counters (conntrack accounting off): no series. 0: the series exists, unchanged.
+            # A negative value (no source gives one) goes straight to its series.
             if d.count_c2s:
-                k = (c_src, s_dst, fl)
+                if not up[DIRTY]:
+                    up[DIRTY] = True
+                    touched.append(up)
                 v = f.bytes_c2s
                 if v is not None:
-                    ser = bytes_get(k) or new(nbytes, k, now)
-                    if v:
-                        ser.total += v
-                        ser.changed = True
-                        if interzone:
-                            ser = zone_get(k) or new(nzone, k, now)
-                            ser.total += v
-                            ser.changed = True
+                    if up[0] is not None or not put(up, 0, now, v):
+                        if v > 0:
+                            up[10] += v
+                        elif v:
+                            add(up[0], v)
+                    if v and interzone and (up[2] is not None or not put(up, 2, now, v)):
+                        if v > 0:
+                            up[12] += v
+                        else:
+                            add(up[2], v)
                 v = f.packets_c2s
-                if v is not None:
-                    ser = packets_get(k) or new(npackets, k, now)
-                    if v:
-                        ser.total += v
-                        ser.changed = True
+                if v is not None and (up[1] is not None or not put(up, 1, now, v)):
+                    if v > 0:
+                        up[11] += v
+                    elif v:
+                        add(up[1], v)
                 if f.opened or f.closed:  # connections: where the client->server bytes are counted
-                    ser = opened_get(k) or new(nopened, k, now)
+                    ser = up[3] or slot(up, 3, now)
                     if f.opened:
                         ser.total += 1
                         ser.changed = True
-                    ser = closed_get(k) or new(nclosed, k, now)
+                    ser = up[4] or slot(up, 4, now)
                     if f.closed:
                         ser.total += 1
                         ser.changed = True
-                    ser = active_get(k) or new(nactive, k, now)
+                    ser = up[5] or slot(up, 5, now)
                     if f.opened != f.closed:
                         ser.total += 1 if f.opened else -1
                         ser.changed = True
+                if tcp:  # retransmits and resets the client sent, the RTT its socket measured
+                    v = f.retransmits_c2s
+                    if (up[6] is not None or not put(up, 6, now, v)) and v:
+                        if v > 0:
+                            up[16] += v
+                        else:
+                            add(up[6], v)
+                    v = f.resets_c2s
+                    if (up[7] is not None or not put(up, 7, now, v)) and v:
+                        if v > 0:
+                            up[17] += v
+                        else:
+                            add(up[7], v)
+                    v = f.rtt_us_c2s
+                    if v is not None and (up[8] is not None or not put_rtt(up, now, v)):
+                        up[RTTS].append(v)  # one observation
             if d.count_s2c:
-                k = (s_src, c_dst, fl)
+                if not down[DIRTY]:
+                    down[DIRTY] = True
+                    touched.append(down)
                 v = f.bytes_s2c
                 if v is not None:
-                    ser = bytes_get(k) or new(nbytes, k, now)
-                    if v:
-                        ser.total += v
-                        ser.changed = True
-                        if interzone:
-                            ser = zone_get(k) or new(nzone, k, now)
-                            ser.total += v
-                            ser.changed = True
+                    if down[0] is not None or not put(down, 0, now, v):
+                        if v > 0:
+                            down[10] += v
+                        elif v:
+                            add(down[0], v)
+                    if v and interzone and (down[2] is not None or not put(down, 2, now, v)):
+                        if v > 0:
+                            down[12] += v
+                        else:
+                            add(down[2], v)
                 v = f.packets_s2c
-                if v is not None:
-                    ser = packets_get(k) or new(npackets, k, now)
-                    if v:
-                        ser.total += v
-                        ser.changed = True
-            if f.retransmits_c2s is not None and f.transport == "tcp":  # TCP health (eBPF source)
-                self._tcp(d, (c_src, s_dst, fl), (s_src, c_dst, fl), now)
+                if v is not None and (down[1] is not None or not put(down, 1, now, v)):
+                    if v > 0:
+                        down[11] += v
+                    elif v:
+                        add(down[1], v)
+                if tcp:  # retransmits and resets the server sent, the RTT its socket measured
+                    v = f.retransmits_s2c
+                    if (down[6] is not None or not put(down, 6, now, v)) and v:
+                        if v > 0:
+                            down[16] += v
+                        else:
+                            add(down[6], v)
+                    v = f.resets_s2c
+                    if (down[7] is not None or not put(down, 7, now, v)) and v:
+                        if v > 0:
+                            down[17] += v
+                        else:
+                            add(down[7], v)
+                    v = f.rtt_us_s2c
+                    if v is not None and (down[8] is not None or not put_rtt(down, now, v)):
+                        down[RTTS].append(v)
+        self._fold(touched)
         self.stats.records += records
 
-    def _tcp(self, d: DecoratedFlow, c2s: tuple[int, int, int], s2c: tuple[int, int, int], now: int) -> None:
-        """Retransmits and resets sent by each end, and the RTT its socket measured (one observation
-        when the record has a sample), counted where that direction's bytes are."""
-        f = d.flow
-        if d.count_c2s:
-            self._health(c2s, f.retransmits_c2s, f.resets_c2s, f.rtt_us_c2s, now)
-        if d.count_s2c:
-            self._health(s2c, f.retransmits_s2c, f.resets_s2c, f.rtt_us_s2c, now)
+    def _fold(self, touched: list[Bundle]) -> None:
+        """Move the bundles' pending values into their series (each pending slot's series exists)."""
+        observe = self._observe
+        for b in touched:
+            b[DIRTY] = False
+            v = b[10]
+            if v:
+                ser = b[0]
+                ser.total += v
+                ser.changed = True
+                b[10] = 0
+            v = b[11]
+            if v:
+                ser = b[1]
+                ser.total += v
+                ser.changed = True
+                b[11] = 0
+            v = b[12]
+            if v:
+                ser = b[2]
+                ser.total += v
+                ser.changed = True
+                b[12] = 0
+            v = b[16]
+            if v:
+                ser = b[6]
+                ser.total += v
+                ser.changed = True
+                b[16] = 0
+            v = b[17]
+            if v:
+                ser = b[7]
+                ser.total += v
+                ser.changed = True
+                b[17] = 0
+            v = b[RTTS]
+            if v:
+                observe(b[8], v)
+                b[RTTS] = []
 
-    def _health(
-        self, k: tuple[int, int, int], retrans: int | None, resets: int | None, rtt_us: int | None, now: int
-    ) -> None:
-        ms = self._retransmits
-        ser = ms.series.get(k) or self._series(ms, k, now)
-        if retrans:
-            ser.total += retrans
-            ser.changed = True
-        ms = self._resets
-        ser = ms.series.get(k) or self._series(ms, k, now)
-        if resets:
-            ser.total += resets
-            ser.changed = True
-        if rtt_us is None:
-            return
-        ms = self._rtt
-        h = ms.series.get(k) or self._series(ms, k, now)
-        assert isinstance(h, HistSeries)
-        if h.total == h.exported:  # the first observation since the last export: min/max restart
-            h.lo_us = h.hi_us = rtt_us
-        elif rtt_us < h.lo_us:
-            h.lo_us = rtt_us
-        elif rtt_us > h.hi_us:
-            h.hi_us = rtt_us
-        h.counts[bisect_left(ms.bounds_us, rtt_us)] += 1
-        h.total += 1
-        h.sum_us += rtt_us
+    def _observe(self, h: HistSeries, values: list[int]) -> None:
+        """RTT observations (microseconds) into a histogram series."""
+        lo, hi = min(values), max(values)
+        if h.total != h.exported:  # else the first since the last export: min/max restart
+            lo, hi = min(lo, h.lo_us), max(hi, h.hi_us)
+        h.lo_us, h.hi_us = lo, hi
+        counts, bounds = h.counts, self._rtt.bounds_us
+        for v in values:
+            counts[bisect_left(bounds, v)] += 1
+        h.total += len(values)
+        h.sum_us += sum(values)
         h.changed = True
+
+    def _bundle(self, key: tuple[int, int, int]) -> Bundle:
+        """A new bundle for ``key``."""
+        b = self._bundles[key] = [None] * KEY + [key] + [0] * 8 + [[], False]
+        return b
+
+    def _slot(self, b: Bundle, i: int, now: int) -> Series:
+        """The series of metric ``i`` (METRIC_NAMES order) for bundle ``b``'s key: the existing one,
+        a new one, or the overflow series (never kept in the slot)."""
+        ms = self._metric_list[i]
+        key = b[KEY]
+        s = ms.series.get(key)
+        if s is None:
+            s = self._series(ms, key, now)
+            if s is ms.overflow:
+                return s
+        b[i] = s
+        return s
+
+    def _put(self, b: Bundle, i: int, now: int, v: int) -> bool:
+        """Fill slot ``i`` of ``b``; True when the value went to the overflow series (counted there
+        now: it has no pending sum). ``_slot``, written out (it runs once per new series)."""
+        ms = self._metric_list[i]
+        key = b[KEY]
+        s = ms.series.get(key)
+        if s is None:
+            s = self._series(ms, key, now)
+            if s is ms.overflow:
+                if v:
+                    s.total += v
+                    s.changed = True
+                return True
+        b[i] = s
+        return False
+
+    def _put_rtt(self, b: Bundle, now: int, v: int) -> bool:
+        """``_put`` for an RTT observation."""
+        h = self._slot(b, 8, now)
+        if b[8] is h:
+            return False
+        self._observe(cast(HistSeries, h), [v])
+        return True
 
     def _series(self, ms: MetricSeries, key: tuple[int, int, int], now: int) -> Series:
         """A new series for `key`, or the overflow series once the metric holds max_series."""
@@ -386,7 +518,8 @@ class Aggregator:
         """Called after each export: mark exported totals, age and expire idle series. ``expire``
         False (the last exports are not delivered yet) keeps every series: a flow that lived and
         ended while the collector was away must still reach it in a later cumulative snapshot."""
-        for ms in self.metrics.values():
+        bundles = self._bundles
+        for i, ms in enumerate(self._metric_list):
             if ms.bounds_us:  # histograms: fold this interval's min/max, remember the buckets
                 for h in ms.series.values():
                     cast(HistSeries, h).mark_exported()
@@ -407,10 +540,18 @@ class Aggregator:
             for key in dead:
                 del ms.series[key]
                 self.stats.expired_series += 1
+                b = bundles.get(key)
+                if b is not None:
+                    b[i] = None
             if ms.overflow is not None:
                 ms.overflow.exported = ms.overflow.total
                 ms.overflow.changed = False
         self.stats.series = sum(len(ms.series) for ms in self.metrics.values())
+        if len(bundles) > 2 * self._bundles_kept + 1024:  # drop empty bundles (amortized)
+            kept = {k: b for k, b in bundles.items() if any(x is not None for x in b[:KEY])}
+            if len(kept) < len(bundles):
+                self._bundles = kept
+            self._bundles_kept = len(kept)
         self._compact()
 
     def _compact(self) -> None:
@@ -431,6 +572,13 @@ class Aggregator:
             for s in ms.series.values():
                 a, b, c = s.parts
                 s.parts = (remap[a], remap[b], remap[c])
+        bundles: dict[tuple[int, int, int], Bundle] = {}
+        for (a, b, c), bundle in self._bundles.items():
+            if a in remap and b in remap and c in remap:  # else empty: every live key is in remap
+                bundle[KEY] = key = (remap[a], remap[b], remap[c])
+                bundles[key] = bundle
+        self._bundles = bundles
+        self._bundles_kept = len(bundles)
 
 
 FLOW_ATTRIBUTE_NAMES = tuple(a.name for a in FLOW_ATTRIBUTES)
