@@ -393,6 +393,10 @@ class SelfMetric:
     labels: tuple[str, ...] = ()
 
 
+# label values of otelflow_agent_ebpf_health_lost_events_total: TCP health features x loss reasons
+HEALTH_FEATURES = ("retransmits", "rtt", "resets", "state")
+HEALTH_LOSS_REASONS = ("map_full", "kernel_skipped", "unjoined")
+
 # The agent's own health, on its /metrics (low cardinality: at most a reason or a resource label).
 SELF_METRICS: tuple[SelfMetric, ...] = (
     SelfMetric(

@@ -8,9 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from otelflow.ebpf.source import HEALTH_FEATURES, HEALTH_LOSS_REASONS
 from otelflow.promexp import escape_label_value
-from otelflow.schema import SELF_METRICS
+from otelflow.schema import HEALTH_FEATURES, HEALTH_LOSS_REASONS, SELF_METRICS
 
 
 class SelfMetrics:

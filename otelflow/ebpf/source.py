@@ -42,11 +42,10 @@ from otelflow.ebpf.join import C2S, ConntrackIndex, Count, DirKey, LoneFlows, id
 from otelflow.ebpf.links import Link, LinkWatcher
 from otelflow.ebpf.loader import EbpfError, FlowCount, FlowCounter, mono_to_unix_ns
 from otelflow.flow import FlowDelta
+from otelflow.schema import HEALTH_FEATURES, HEALTH_LOSS_REASONS
 
 log = logging.getLogger(__name__)
 
-HEALTH_FEATURES = ("retransmits", "rtt", "resets", "state")
-HEALTH_LOSS_REASONS = ("map_full", "kernel_skipped", "unjoined")
 # health.DROP_NAMES (events not recorded: socket map full) -> the feature they belong to
 DROP_FEATURE = {
     "retrans_segs": "retransmits",

@@ -15,8 +15,6 @@ ready backends ("namespace/pod") and named ports, for each Service its IPs and p
 
 * Nodes: InternalIP addresses (both families); zone and region from ``topology.kubernetes.io/zone``
   and ``/region``, else the ``failure-domain.beta.kubernetes.io/*`` labels.
-* Every object's ``metadata.creationTimestamp``, given to the index as when its owner appeared (an
-  owner never names a flow first seen before it existed).
 * Pods: ``status.podIPs``, ``spec.nodeName``, ``metadata.uid``; host-network pods also their host
   ports (hostPort, else containerPort, of every container). Owner: the controller reference; a
   ReplicaSet becomes its Deployment (any controller owner of the ReplicaSet, in fact), a Job its
@@ -62,7 +60,6 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from typing import Any
 
 from otelflow.k8s.client import (
@@ -186,20 +183,6 @@ def key_of(obj: Mapping[str, Any]) -> Key:
     return _intern(str(meta.get("namespace") or "")), str(meta.get("name") or "")
 
 
-def created_at(obj: Mapping[str, Any]) -> float | None:
-    """An object's ``metadata.creationTimestamp`` as Unix time (the API server's clock, whole
-    seconds); None when absent or not a timestamp (the index then dates the owner by when it learnt
-    of it)."""
-    text = (obj.get("metadata") or {}).get("creationTimestamp")
-    if not isinstance(text, str):
-        return None
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return t.timestamp() if t.tzinfo is not None else None
-
-
 def controller_of(obj: Mapping[str, Any]) -> tuple[str, str] | None:
     """(kind, name) of the object's controller owner reference (else its first owner), or None."""
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
@@ -264,7 +247,6 @@ class SpecPort:
 class ServiceSpec:
     ips: tuple[str, ...]
     ports: tuple[SpecPort, ...]
-    created: float | None = None  # creationTimestamp (its IPs name no flow first seen before)
 
 
 def service_spec(obj: Mapping[str, Any]) -> ServiceSpec:
@@ -293,7 +275,7 @@ def service_spec(obj: Mapping[str, Any]) -> ServiceSpec:
                 _intern(str(p.get("protocol") or "TCP").lower()),
             )
         )
-    return ServiceSpec(ips, tuple(ports), created_at(obj))
+    return ServiceSpec(ips, tuple(ports))
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,7 +368,7 @@ class MetadataStore:
     def _upsert_nodes(self, key: Key, obj: Mapping[str, Any], now: float | None) -> None:
         n = node_meta(obj)
         if self.index.nodes.get(n.name) != n:
-            self.index.upsert_node(n, now, created_at(obj))
+            self.index.upsert_node(n, now)
         self.known["nodes"].add(key)
 
     def _remove_nodes(self, key: Key, now: float | None) -> None:
@@ -449,7 +431,7 @@ class MetadataStore:
         if p.workload_kind in ("ReplicaSet", "Job"):
             self._pending.setdefault((p.namespace, p.workload_kind, p.workload_name), set()).add(p.name)
         if old != p:
-            self.index.upsert_pod(p, now, created_at(obj))
+            self.index.upsert_pod(p, now)
         self.known["pods"].add(key)
 
     def _unpend(self, p: PodMeta) -> None:
@@ -477,7 +459,7 @@ class MetadataStore:
         slices = [self._slices[(key[0], n)] for n in sorted(names) if (key[0], n) in self._slices]
         s = service_meta(key[0], key[1], spec, slices)
         if self.index.services.get(key) != s:
-            self.index.upsert_service(s, now, spec.created)
+            self.index.upsert_service(s, now)
 
     def _upsert_services(self, key: Key, obj: Mapping[str, Any], now: float | None) -> None:
         self.known["services"].add(key)

@@ -5,12 +5,6 @@
 * **History**: when an address is released (pod deleted, IP handed to another pod), the old owner
   stays resolvable for ``history`` seconds, and a lookup made with the flow's own time picks the
   owner that held the address at that time. A flow from a pod deleted a moment ago is still named.
-* **When an owner appeared**: an update may say since when its owner exists (``since``: the object's
-  creationTimestamp). An owner never names a flow first seen before that: the address had no owner
-  then (or one forgotten since), even if the flow's records are decorated long after the new owner
-  arrived (a TCP flow's closing record comes when conntrack forgets it, minutes later). Without
-  ``since``, the first owner of an address owns it from the beginning of time (the static
-  inventory), and a later one from when the index learnt of it.
 * **Host-network pods** share their node's IP. Such an address resolves to the node, unless the port
   identifies a host-network pod on that node (one of its declared host ports): then it is that pod.
 * Addresses nobody owns are classified: a user-defined named CIDR group (longest prefix wins), else
@@ -22,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -107,29 +100,20 @@ class IpIndex:
         self._class_peers: dict[str, Peer] = {}
 
     # ---- updates ---------------------------------------------------------------------------------
-    def _claim(self, table: dict, key: object, owner: Owner, now: float, since: float | None = None) -> None:
+    def _claim(self, table: dict, key: object, owner: Owner, now: float) -> None:
         spans = table.setdefault(key, [])
         if spans and spans[-1].end is None:
             if spans[-1].owner == owner:
                 return
-            # Taken over before the previous owner's release was seen: the hand-over happened by
-            # now. (Not at the new owner's creation: a replacement pod is often created before the
-            # old one lets go of the address.)
-            spans[-1].end = start = now
-        elif since is None:
-            start = now if spans else -math.inf
-        else:
-            # not before its creation, nor before the previous owner let go, nor in the future (the
-            # API server's clock may be ahead of this node's)
-            start = min(max(since, spans[-1].end) if spans else since, now)
-        spans.append(_Span(start, None, owner))
+            spans[-1].end = now
+        spans.append(_Span(now, None, owner))
 
     def _release(self, table: dict, key: object, owner: Owner, now: float) -> None:
         spans = table.get(key)
         if spans and spans[-1].end is None and _same(spans[-1].owner, owner):
             spans[-1].end = now
 
-    def upsert_node(self, n: NodeMeta, now: float | None = None, since: float | None = None) -> None:
+    def upsert_node(self, n: NodeMeta, now: float | None = None) -> None:
         now = self.clock() if now is None else now
         old = self.nodes.get(n.name)
         if old:
@@ -137,7 +121,7 @@ class IpIndex:
                 self._release(self._spans, ip, old, now)
         self.nodes[n.name] = n
         for ip in n.ips:
-            self._claim(self._spans, ip, n, now, since)
+            self._claim(self._spans, ip, n, now)
         if old is None or (old.zone, old.region) != (n.zone, n.region):
             self._peer_of.clear()  # pods' peers carry their node's zone: rebuild them lazily
 
@@ -148,8 +132,7 @@ class IpIndex:
             for ip in old.ips:
                 self._release(self._spans, ip, old, now)
 
-    def upsert_pod(self, p: PodMeta, now: float | None = None, since: float | None = None) -> None:
-        """Add or update a pod; ``since``: when it was created (it owns no address before)."""
+    def upsert_pod(self, p: PodMeta, now: float | None = None) -> None:
         now = self.clock() if now is None else now
         key = (p.namespace, p.name)
         old = self.pods.get(key)
@@ -160,10 +143,10 @@ class IpIndex:
             node = self.nodes.get(p.node)
             for ip in node.ips if node else p.ips:
                 for port in p.host_ports:
-                    self._claim(self._host_ports, (ip, port), p, now, since)
+                    self._claim(self._host_ports, (ip, port), p, now)
         else:
             for ip in p.ips:
-                self._claim(self._spans, ip, p, now, since)
+                self._claim(self._spans, ip, p, now)
 
     def delete_pod(self, namespace: str, name: str, now: float | None = None) -> None:
         now = self.clock() if now is None else now
@@ -181,7 +164,7 @@ class IpIndex:
             for ip in set(old.ips) - kept:
                 self._release(self._spans, ip, old, now)
 
-    def upsert_service(self, s: ServiceMeta, now: float | None = None, since: float | None = None) -> None:
+    def upsert_service(self, s: ServiceMeta, now: float | None = None) -> None:
         now = self.clock() if now is None else now
         old = self.services.get((s.namespace, s.name))
         if old:
@@ -189,7 +172,7 @@ class IpIndex:
                 self._release(self._spans, ip, old, now)
         self.services[(s.namespace, s.name)] = s
         for ip in s.ips:
-            self._claim(self._spans, ip, s, now, since)
+            self._claim(self._spans, ip, s, now)
         if old is not None:
             self._unlink_backends(old)
         self._link_backends(s)
@@ -343,6 +326,7 @@ def _pick(spans: list[_Span] | None, at: float | None, now: float, history: floa
         s = spans[i]
         if s.end is None or t < s.end or now - s.end <= history:
             return s.owner
-    # else the flow predates every owner still known: the address had none then (or one forgotten
-    # since). A later owner must not claim it: that is another pod, however late the record comes.
-    return None
+    last = spans[-1]
+    if last.end is None:
+        return last.owner  # the flow predates the current owner's record: best guess is the owner
+    return last.owner if now - last.end <= history else None

@@ -24,18 +24,8 @@ from otelflow.netlab.lab import Lab
 from otelflow.netlab.topology import NodeSpec, PodSpec, ServiceSpec, Topology
 from otelflow.netlab.traffic import FlowSpec, TrafficGenerator
 from tests.e2e.components import Collector
-from tests.kernel.test_ebpf_source import lost_retransmits, metrics_of, within_loss
+from tests.kernel.test_ebpf_source import LOSS, lost_retransmits, metrics_of, within_loss
 
-# the receiving pod drops 5% of the data segments to port 9500 (as in tests/kernel/test_ebpf_source.py)
-LOSS = """
-table inet ofl_loss {
-  counter dropped { }
-  chain in {
-    type filter hook input priority -300; policy accept;
-    tcp dport 9500 meta length > 200 numgen random mod 20 == 0 counter name "dropped" drop
-  }
-}
-"""
 HEALTH = ("retransmits_c2s", "retransmits_s2c", "resets_c2s", "resets_s2c")
 
 

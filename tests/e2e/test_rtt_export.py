@@ -13,7 +13,6 @@ tests/kernel/test_ebpf_health.py)."""
 from __future__ import annotations
 
 import bisect
-import ipaddress
 import json
 import time
 import urllib.parse
@@ -23,7 +22,6 @@ from typing import Any
 
 import pytest
 
-from otelflow.netlab import ns as nsu
 from otelflow.netlab.agents import AgentRun, agents, totals, truth
 from otelflow.netlab.lab import Lab
 from otelflow.netlab.topology import ExternalSpec, NodeSpec, PodSpec, Topology
@@ -31,7 +29,7 @@ from otelflow.netlab.traffic import FlowResult, FlowSpec, TrafficGenerator
 from otelflow.promexp import le_label
 from otelflow.schema import RTT_BOUNDS_S
 from tests.e2e.components import Collector, Prometheus, http_get, running
-from tests.kernel.test_ebpf_health import DelayLine
+from tests.kernel.test_ebpf_health import DelayLine, delay_to_external
 from tests.kernel.test_ebpf_source import metrics_of
 
 TOPOLOGY = Topology(
@@ -49,23 +47,6 @@ LES = [*(le_label(b) for b in RTT_BOUNDS_S), "+Inf"]
 def bucket(us: int) -> int:
     """Index of the bucket holding `us` (upper bound inclusive)."""
     return bisect.bisect_left(BOUNDS_US, us)
-
-
-def delay_to_external(lab: Lab, line_name: str) -> None:
-    """Route the router's traffic to the external host through the TUN delay line; what comes out
-    of the TUN goes on to the external network (policy routing on iif)."""
-    router, t = lab.names.router(), lab.topology
-    lines = [f"link set {line_name} up"]
-    for fam, plen in ((4, 24), (6, 64)):
-        net = ipaddress.ip_interface(f"{t.external_router_ip(fam)}/{plen}").network
-        ext_ip = t.external_ip("ext", fam)
-        lines += [
-            f"route add {ext_ip}/{32 if fam == 4 else 128} dev {line_name}",
-            f"route add {net} dev inet0 table 100",
-        ]
-        nsu.run(["ip", f"-{fam}", "-n", router, "rule", "add", "iif", line_name, "lookup", "100"])
-    nsu.ip_batch(router, lines)
-    nsu.sysctl(router, {"net.ipv4.conf.all.rp_filter": 0, f"net.ipv4.conf.{line_name}.rp_filter": 0})
 
 
 Run = tuple[FlowResult, AgentRun, str, dict[tuple[str, str], float]]

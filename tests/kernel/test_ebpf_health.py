@@ -129,27 +129,32 @@ class DelayLine:
         os.close(self.fd)  # a non-persistent TUN device goes away with its last fd
 
 
+def delay_to_external(lab: Lab, line_name: str) -> None:
+    """Route the router's traffic to the external host "ext" through the TUN delay line; what
+    comes out of the TUN goes on to the external network (policy routing on iif)."""
+    router, t = lab.names.router(), lab.topology
+    lines = [f"link set {line_name} up"]
+    for fam, plen in ((4, 24), (6, 64)):
+        net = ipaddress.ip_interface(f"{t.external_router_ip(fam)}/{plen}").network
+        ext_ip = t.external_ip("ext", fam)
+        lines += [
+            f"route add {ext_ip}/{32 if fam == 4 else 128} dev {line_name}",
+            f"route add {net} dev inet0 table 100",
+        ]
+        nsu.run(["ip", f"-{fam}", "-n", router, "rule", "add", "iif", line_name, "lookup", "100"])
+    nsu.ip_batch(router, lines)
+    nsu.sysctl(router, {"net.ipv4.conf.all.rp_filter": 0, f"net.ipv4.conf.{line_name}.rp_filter": 0})
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     with Lab(TOPOLOGY) as lab:
         for name in ("a", "ext"):
             nsu.nft_apply(lab.endpoint(name).netns, TRUTH)
         # the delay line: a -> ext is routed through the router; send it through the TUN device
-        router = lab.names.router()
-        line = DelayLine(router, TUN_NAME, DELAY_S)
+        line = DelayLine(lab.names.router(), TUN_NAME, DELAY_S)
         try:
-            t = lab.topology
-            lines = [f"link set {TUN_NAME} up"]
-            for fam, plen in ((4, 24), (6, 64)):
-                net = ipaddress.ip_interface(f"{t.external_router_ip(fam)}/{plen}").network
-                ext_ip = t.external_ip("ext", fam)
-                lines += [
-                    f"route add {ext_ip}/{32 if fam == 4 else 128} dev {TUN_NAME}",
-                    f"route add {net} dev inet0 table 100",
-                ]
-                nsu.run(["ip", f"-{fam}", "-n", router, "rule", "add", "iif", TUN_NAME, "lookup", "100"])
-            nsu.ip_batch(router, lines)
-            nsu.sysctl(router, {"net.ipv4.conf.all.rp_filter": 0, f"net.ipv4.conf.{TUN_NAME}.rp_filter": 0})
+            delay_to_external(lab, TUN_NAME)
             yield lab
         finally:
             line.close()

