@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 from otelflow.ebpf import libbpf as lb
 from otelflow.ebpf import tcnl
+from otelflow.ebpf.loader import ATTACH_MODES
 
 __all__ = [
     "BTF_PATH",
@@ -580,8 +581,6 @@ def probe_tcx_attach(netns: str | None = None) -> Probe:
 
 
 # ---- readiness and source choice ---------------------------------------------------------------
-
-ATTACH_MODES = ("auto", "tcx", "tc")
 
 
 def attach_backend(attach: str, probes: list[Probe]) -> str:

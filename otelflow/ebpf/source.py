@@ -82,7 +82,6 @@ class EbpfStats:
     health_hooks: str = ""  # TCP health features in use: "retransmits=tp_btf/...; ..."
     health_sockets: int = 0  # socket health records drained
     health_matched: int = 0  # ... joined to a flow this node saw
-    health_dropped: int = 0  # health events lost (socket map full)
     # health events lost, by reason then feature (HEALTH_LOSS_REASONS x HEALTH_FEATURES): map_full
     # (the socket map was full), kernel_skipped (the kernel did not run the program: recursion on
     # that CPU; machine-wide), unjoined (the socket's flow was gone before a delta could carry them)
@@ -315,7 +314,6 @@ class EbpfSource:
             hd = self.health.drain()
             sockets = hd.sockets
             self.stats.health_sockets += len(sockets)
-            self.stats.health_dropped += sum(v for k, v in hd.drops.items() if "bytes" not in k)
             self._count_health_loss(hd.drops, hd.missed)
         ct_deltas = self.conntrack.poll() if self.conntrack is not None else []
         retry, self._deferred = self._deferred, []

@@ -10,20 +10,16 @@ from typing import Any
 from otelflow.decorate import DecoratedFlow
 from otelflow.otlp.logs import LogsEncoder, record_attributes
 from otelflow.schema import LOG_ATTRIBUTES, LOG_END_ATTRIBUTES
+from tests.unit.flows import BE, EXT, FE, SVC, delta
 from tests.unit.test_otlp_content import (
-    BE,
-    EXT,
-    FE,
     NODE,
     NOW,
     RESOURCE,
-    SVC,
     _varied,
     attrs,
     check_record_fields,
     dec,
     decode_logs,
-    delta,
     i,
     reference,
 )

@@ -19,34 +19,24 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as mpb
 from otelflow.aggregate import OVERFLOW_KEY, Aggregator, HistSeries
 from otelflow.decorate import DecoratedFlow
 from otelflow.flow import FlowDelta
-from otelflow.meta.model import Peer, ServiceMeta
+from otelflow.meta.model import Peer
 from otelflow.otlp.metrics import MetricsEncoder
 from otelflow.promexp import le_label, render
 from otelflow.schema import METRICS, RTT_BOUNDS_S
+from tests.unit.flows import BE, FE, SVC, delta
 from tests.unit.test_dashboards import problems
 
 RTT = "otelflow.tcp.rtt"
 DEF = next(m for m in METRICS if m.name == RTT)
 BOUNDS_US = [round(b * 1e6) for b in RTT_BOUNDS_S]
-FE = Peer("pod", "pod", node="n1", zone="a", region="r", namespace="shop", name="fe-1", uid="u1",
-          workload_name="fe", workload_kind="Deployment")  # fmt: skip
-BE = Peer("pod", "pod", node="n2", zone="b", region="r", namespace="shop", name="be-7", uid="u2",
-          workload_name="be", workload_kind="StatefulSet")  # fmt: skip
-SVC = ServiceMeta("shop", "be", ("10.96.0.10",))
 RESOURCE = [("service.name", "otelflow")]
 
 
 def flow(fid: str = "1", c2s: int | None = None, s2c: int | None = None, **kw: Any) -> FlowDelta:
-    base: dict[str, Any] = dict(
-        flow_id=fid, source="ebpf", observer="n1", family=4, transport="tcp",
-        client_ip="10.1.1.2", client_port=40000, dialed_ip="10.96.0.10", dialed_port=80,
-        server_ip="10.1.2.3", server_port=8080, client_nat_ip="10.1.1.2", client_nat_port=40000,
-        dnat=True, snat=False, bytes_c2s=100, packets_c2s=2, bytes_s2c=1000, packets_s2c=3,
-        opened=False, closed=False, state="ESTABLISHED", first_seen=1.0, last_seen=2.0,
-        retransmits_c2s=0, retransmits_s2c=0, resets_c2s=0, resets_s2c=0, rtt_us_c2s=c2s, rtt_us_s2c=s2c,
-    )  # fmt: skip
-    base.update(kw)
-    return FlowDelta(**base)
+    health = dict(
+        retransmits_c2s=0, retransmits_s2c=0, resets_c2s=0, resets_s2c=0, rtt_us_c2s=c2s, rtt_us_s2c=s2c
+    )
+    return delta(**{"flow_id": fid, "source": "ebpf", "opened": False, **health, **kw})
 
 
 def dec(f: FlowDelta, c2s: bool = True, s2c: bool = True, client: Peer = FE) -> DecoratedFlow:
